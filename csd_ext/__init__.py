@@ -1,0 +1,11 @@
+"""csd_ext: Concrete Score Distillation loss as fast C++/CUDA PyTorch ops.
+
+    from csd_ext import CSDLoss, csd_loss
+    loss = csd_loss(student_logits, teacher_logits, labels, weighting="SS")
+"""
+
+from ._version import __version__
+from ._ops import compiled_backends
+from .loss import CSDLoss, csd_loss
+
+__all__ = ["__version__", "compiled_backends", "CSDLoss", "csd_loss"]

@@ -1,0 +1,117 @@
+"""The user-facing CSD loss: `csd_loss` and `CSDLoss`."""
+
+import torch
+
+from . import _ops  # noqa: F401  (registers the ops)
+from ._reduce import reduce_rows, row_mask_of
+from ._validate import (
+    check_alpha,
+    check_ignore_index,
+    check_labels,
+    check_logits_pair,
+    check_reduction,
+    check_temperature,
+    check_weighting,
+)
+
+
+def flatten_logits(x: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [N, V] without a copy when possible (the kernels take any row stride)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def csd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor = None,
+    *,
+    weighting: str = "SS",
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Concrete Score Distillation loss (Kim et al., ICLR 2026, arXiv 2509.25837).
+
+    For each token, with student logits ``z``, teacher logits ``t`` and
+    ``d = z - t`` over the vocabulary,
+
+    .. math::
+        L = \tfrac14 \sum_y \sum_x w_1(y)\, w_2(x)\, (d_x - d_y)^2
+          = \tfrac14 \left[\mathrm{Var}_{w_1} d + \mathrm{Var}_{w_2} d
+            + (\mathbb{E}_{w_1} d - \mathbb{E}_{w_2} d)^2\right],
+
+    computed in O(V) time and memory.  The weights are held constant
+    (stop-gradient, as in the paper), so the gradient with respect to ``z`` is
+
+    .. math::
+        \partial L / \partial z_k = \tfrac12\left[w_{1,k}(d_k - \mathbb{E}_{w_2} d)
+            + w_{2,k}(d_k - \mathbb{E}_{w_1} d)\right],
+
+    exactly the paper's gradient.  It is *not* the derivative of the returned
+    value when a weight depends on ``z`` (S, M).  If ``teacher_logits``
+    requires grad it receives the negative of that gradient.
+
+    Unlike the paper's code, which reports a surrogate ``sum(sg(g) * z)``
+    whose value means nothing (it can be negative and does not vanish at the
+    optimum), this returns the true ``L``: 0 exactly when ``z = t + c``.
+
+    Args:
+        student_logits: ``[..., V]`` float32, bfloat16, float16 or float64.
+        teacher_logits: ``[..., V]``, same leading shape and ``V``; any float dtype.
+        labels: optional integer ``[...]``; positions equal to ``ignore_index``
+            are excluded.  Not shifted: align them as for ``F.cross_entropy``.
+        weighting: two letters ``w1 w2`` from ``S`` = softmax(z/τ),
+            ``T`` = softmax(t/τ), ``U`` = uniform over unmasked entries and
+            ``M`` = α·T + (1-α)·S.  ``"SS"`` is the paper's default.
+        alpha: mixture weight of ``M``, in [0, 1].
+        temperature: τ > 0; it scales the logits inside the weights only
+            (``d`` is never scaled, and there is no τ² factor).  The paper's
+            code applies τ to the student's weights in SS; applying it to T too
+            is our generalisation.
+        ignore_index: label value of positions to skip.
+        reduction: ``"mean"`` over counted positions (0 if none), ``"sum"``, or
+            ``"none"`` (the leading shape, 0 at ignored positions).
+
+    A vocabulary entry where either logit is -inf is masked: left out of every
+    sum (U does not count it) and given zero gradient.  Accumulation is fp32
+    (fp64 for fp64 inputs); the loss is float32 (float64 for fp64 inputs) and
+    the gradient has the student's dtype.
+    """
+    check_logits_pair(student_logits, teacher_logits)
+    check_labels(labels, student_logits)
+    check_weighting(weighting)
+    alpha = check_alpha(alpha)
+    temperature = check_temperature(temperature)
+    check_ignore_index(ignore_index)
+    check_reduction(reduction)
+
+    row_mask = row_mask_of(labels, ignore_index)
+    per_row, _stats = torch.ops.csd_ext.csd_forward(
+        flatten_logits(student_logits), flatten_logits(teacher_logits), row_mask,
+        weighting, alpha, temperature,
+    )
+    return reduce_rows(per_row, row_mask, student_logits.shape[:-1], reduction)
+
+
+class CSDLoss(torch.nn.Module):
+    """Module form of :func:`csd_loss`; arguments are checked at construction."""
+
+    def __init__(self, weighting="SS", alpha=0.5, temperature=1.0, ignore_index=-100, reduction="mean"):
+        super().__init__()
+        self.weighting = check_weighting(weighting)
+        self.alpha = check_alpha(alpha)
+        self.temperature = check_temperature(temperature)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.reduction = check_reduction(reduction)
+
+    def forward(self, student_logits, teacher_logits, labels=None):
+        return csd_loss(
+            student_logits, teacher_logits, labels,
+            weighting=self.weighting, alpha=self.alpha, temperature=self.temperature,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+        )
+
+    def extra_repr(self):
+        return (f"weighting={self.weighting!r}, alpha={self.alpha}, temperature={self.temperature}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}")

@@ -1,0 +1,121 @@
+// CPU implementations of the csd_ext ops: allocation, layout, and the choice
+// of instruction-set variant.  The math is in csd_cpu_kernel.h / csd_math.h.
+#include <ATen/ATen.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "../csd_kernel_api.h"
+#include "csd_cpu_variants.h"
+
+namespace csd::cpu {
+namespace {
+
+// Same choice as ATen's own kernels, so ATEN_CPU_CAPABILITY=default|avx2|avx512
+// forces a variant (the tests use it to run every variant on one machine).
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+  const std::string cap = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512", ...
+#if defined(CSD_HAVE_AVX512)
+  if (cap == "AVX512") return Isa::kAvx512;
+#endif
+#if defined(CSD_HAVE_AVX2)
+  if (cap == "AVX2" || cap == "AVX512") return Isa::kAvx2;
+#endif
+  return Isa::kDefault;
+}
+
+Isa chosen_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+// The vocabulary dimension must be contiguous; rows may have any stride
+// (a vocabulary slice such as logits[..., :V], or a teacher row broadcast
+// with stride 0, is read in place).
+at::Tensor with_contiguous_rows(const at::Tensor& x) {
+  return (x.stride(1) == 1 || x.size(1) == 1) ? x : x.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> csd_forward_cpu(const at::Tensor& student_in,
+                                                   const at::Tensor& teacher_in,
+                                                   const std::optional<at::Tensor>& row_mask_in,
+                                                   c10::string_view weighting, double alpha,
+                                                   double temperature) {
+  check_logits(student_in, teacher_in);
+  check_row_mask(row_mask_in, student_in);
+  const LossConfig cfg = make_config(std::string(weighting), alpha, temperature);
+  const at::Tensor student = with_contiguous_rows(student_in);
+  const at::Tensor teacher = with_contiguous_rows(teacher_in);
+  const auto acc = accumulate_type_of(student, teacher);
+  const int64_t rows = student.size(0);
+  at::Tensor loss = at::empty({rows}, student.options().dtype(acc));
+  at::Tensor stats = at::empty({rows, kNumStats}, student.options().dtype(acc));
+  at::Tensor row_mask;
+  if (row_mask_in.has_value()) row_mask = row_mask_in->contiguous();
+  const bool* mask = row_mask.defined() ? row_mask.const_data_ptr<bool>() : nullptr;
+  if (rows == 0) return {loss, stats};
+  switch (chosen_isa()) {
+#if defined(CSD_HAVE_AVX512)
+    case Isa::kAvx512: forward_avx512(student, teacher, mask, cfg, loss, stats); break;
+#endif
+#if defined(CSD_HAVE_AVX2)
+    case Isa::kAvx2: forward_avx2(student, teacher, mask, cfg, loss, stats); break;
+#endif
+    default: forward_default(student, teacher, mask, cfg, loss, stats); break;
+  }
+  return {loss, stats};
+}
+
+at::Tensor csd_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& student_in,
+                            const at::Tensor& teacher_in, const at::Tensor& stats,
+                            c10::string_view weighting, double alpha, double temperature) {
+  check_logits(student_in, teacher_in);
+  const LossConfig cfg = make_config(std::string(weighting), alpha, temperature);
+  const at::Tensor student = with_contiguous_rows(student_in);
+  const at::Tensor teacher = with_contiguous_rows(teacher_in);
+  const auto acc = accumulate_type_of(student, teacher);
+  const int64_t rows = student.size(0);
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == kNumStats &&
+                        stats.scalar_type() == acc && stats.is_contiguous(),
+                    "stats must be the contiguous [", rows, ", ", int(kNumStats), "] ", acc,
+                    " tensor returned by csd_forward");
+  TORCH_CHECK_VALUE(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == rows,
+                    "grad_loss must have shape [", rows, "], got ", grad_loss_in.sizes());
+  // Autograd hands a mean/sum's gradient over as an expanded scalar (stride 0);
+  // the kernel reads it with its stride, so this is no copy.
+  const at::Tensor grad_loss = grad_loss_in.to(acc);
+  at::Tensor grad = at::empty(student.sizes(), student.options());
+  if (rows == 0) return grad;
+  switch (chosen_isa()) {
+#if defined(CSD_HAVE_AVX512)
+    case Isa::kAvx512: backward_avx512(grad_loss, student, teacher, stats, cfg, grad); break;
+#endif
+#if defined(CSD_HAVE_AVX2)
+    case Isa::kAvx2: backward_avx2(grad_loss, student, teacher, stats, cfg, grad); break;
+#endif
+    default: backward_default(grad_loss, student, teacher, stats, cfg, grad); break;
+  }
+  return grad;
+}
+
+}  // namespace
+}  // namespace csd::cpu
+
+// Which CPU kernel variant runs here, for tests and benchmark reports.
+TORCH_LIBRARY_FRAGMENT(csd_ext, m) {
+  m.def("cpu_kernel_isa() -> str", [] {
+    switch (csd::cpu::chosen_isa()) {
+      case csd::cpu::Isa::kAvx512: return std::string("avx512");
+      case csd::cpu::Isa::kAvx2: return std::string("avx2");
+      default: return std::string("default");
+    }
+  });
+}
+
+TORCH_LIBRARY_IMPL(csd_ext, CPU, m) {
+  m.impl("csd_forward", &csd::cpu::csd_forward_cpu);
+  m.impl("csd_backward", &csd::cpu::csd_backward_cpu);
+}

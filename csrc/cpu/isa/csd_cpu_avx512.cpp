@@ -1,0 +1,23 @@
+// The CPU kernel built for the AVX512 instruction set.  setup.py and
+// CMakeLists.txt compile this file with the matching -m flags; the macros
+// select ATen's Vectorized implementation and the kernel's namespace.
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+
+#include "../csd_cpu_kernel.h"
+#include "../csd_cpu_variants.h"
+
+namespace csd::cpu {
+
+void forward_avx512(const at::Tensor& student, const at::Tensor& teacher, const bool* row_mask,
+                const LossConfig& cfg, at::Tensor& loss, at::Tensor& stats) {
+  AVX512::forward(student, teacher, row_mask, cfg, loss, stats);
+}
+
+void backward_avx512(const at::Tensor& grad_loss, const at::Tensor& student,
+                 const at::Tensor& teacher, const at::Tensor& stats, const LossConfig& cfg,
+                 at::Tensor& grad) {
+  AVX512::backward(grad_loss, student, teacher, stats, cfg, grad);
+}
+
+}  // namespace csd::cpu

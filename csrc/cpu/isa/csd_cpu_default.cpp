@@ -1,0 +1,23 @@
+// The CPU kernel built for the DEFAULT instruction set.  setup.py and
+// CMakeLists.txt compile this file with the matching -m flags; the macros
+// select ATen's Vectorized implementation and the kernel's namespace.
+#define CPU_CAPABILITY DEFAULT
+
+
+#include "../csd_cpu_kernel.h"
+#include "../csd_cpu_variants.h"
+
+namespace csd::cpu {
+
+void forward_default(const at::Tensor& student, const at::Tensor& teacher, const bool* row_mask,
+                const LossConfig& cfg, at::Tensor& loss, at::Tensor& stats) {
+  DEFAULT::forward(student, teacher, row_mask, cfg, loss, stats);
+}
+
+void backward_default(const at::Tensor& grad_loss, const at::Tensor& student,
+                 const at::Tensor& teacher, const at::Tensor& stats, const LossConfig& cfg,
+                 at::Tensor& grad) {
+  DEFAULT::backward(grad_loss, student, teacher, stats, cfg, grad);
+}
+
+}  // namespace csd::cpu

@@ -1,0 +1,312 @@
+// The math of Concrete Score Distillation, shared by the CPU and CUDA kernels.
+//
+// Every function here is __host__ __device__ (or a template that the CPU
+// kernel instantiates with at::vec::Vectorized), so the CPU test suite runs
+// exactly the per-element and merge math that the GPU runs.  Kernels in
+// cpu/ and cuda/ only do indexing, loads/stores, reductions and launches.
+//
+// For one row (one token): z = student logits, t = teacher logits, d = z - t.
+// A vocabulary entry is *masked* when z or t is -inf; it is left out of every
+// sum, and U counts only unmasked entries.
+//
+// The loss for weights w1, w2 is
+//   L = 1/4 * sum_y sum_x w1(y) w2(x) (d_x - d_y)^2
+//     = 1/4 * [Var_w1(d) + Var_w2(d) + (E_w1 d - E_w2 d)^2]
+// and its (stop-gradient) gradient with respect to z is
+//   g_k = 1/2 * [w1_k (d_k - E_w2 d) + w2_k (d_k - E_w1 d)].
+//
+// Each weighting is a mixture  w = cs*S + ct*T + cu*U  of three base
+// distributions S = softmax(z/tau), T = softmax(t/tau), U = uniform, so a
+// row needs the weighted moments of d under S, T and U only (whichever the
+// mixtures use).  Those come from `Moments`: an online max / sum-exp with the
+// weighted mean and *centred* second moment of d, merged with Chan's parallel
+// formula -- never E[d^2] - E[d]^2, which cancels catastrophically when the
+// student and teacher logits differ by a large constant.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CSD_HD __host__ __device__ __forceinline__
+#else
+#define CSD_HD inline
+#endif
+
+// The CPU kernel is compiled once per instruction set (cpu/isa/).  Functions
+// get an ISA-specific inline namespace there, so the linker can never pick an
+// AVX-512 copy of an inline function for a caller built for plain x86-64.
+// Types stay in csd::, shared by every translation unit.
+#if defined(CPU_CAPABILITY)
+#define CSD_FUNCTIONS_BEGIN inline namespace CPU_CAPABILITY {
+#define CSD_FUNCTIONS_END }
+#else
+#define CSD_FUNCTIONS_BEGIN
+#define CSD_FUNCTIONS_END
+#endif
+
+namespace csd {
+
+// ---------------------------------------------------------------------------
+// Layout of the per-row statistics the forward saves for the backward.
+// ---------------------------------------------------------------------------
+enum StatsColumn : int {
+  kLseS = 0,     // log-sum-exp of z/tau over unmasked entries (S's normaliser)
+  kLseT = 1,     // log-sum-exp of t/tau over unmasked entries (T's normaliser)
+  kInvCount = 2, // 1 / (number of unmasked entries)  (U's weight)
+  kMean1 = 3,    // E_w1[d]
+  kMean2 = 4,    // E_w2[d]
+  kRowWeight = 5,// 1 if the row counts (label != ignore_index), else 0
+  kNumStats = 6,
+};
+
+// ---------------------------------------------------------------------------
+// Weightings.  A weighting letter is one of S, T, U, M; M = a*T + (1-a)*S.
+// ---------------------------------------------------------------------------
+template <typename acc_t>
+struct Mixture {
+  acc_t s;  // coefficient of S = softmax(z/tau)
+  acc_t t;  // coefficient of T = softmax(t/tau)
+  acc_t u;  // coefficient of U = uniform over unmasked entries
+};
+
+// Which base distributions (S, T, U) a pair of weightings needs.
+struct Needs {
+  bool s, t, u;
+};
+
+template <typename acc_t>
+struct Moments {
+  acc_t max;
+  acc_t sum;
+  acc_t mean;
+  acc_t m2;
+};
+
+// One finished row: its loss and what the backward needs.
+template <typename acc_t>
+struct RowResult {
+  acc_t loss;
+  acc_t lse_s, lse_t, inv_count;
+  acc_t mean1, mean2;
+};
+
+// Mean and variance of d under some weighting.
+template <typename acc_t>
+struct MeanVar {
+  acc_t mean, var;
+};
+
+CSD_FUNCTIONS_BEGIN
+
+CSD_HD bool is_weight_letter(char c) {
+  return c == 'S' || c == 'T' || c == 'U' || c == 'M';
+}
+
+template <typename acc_t>
+CSD_HD Mixture<acc_t> mixture_of(char letter, acc_t alpha) {
+  switch (letter) {
+    case 'S': return {acc_t(1), acc_t(0), acc_t(0)};
+    case 'T': return {acc_t(0), acc_t(1), acc_t(0)};
+    case 'U': return {acc_t(0), acc_t(0), acc_t(1)};
+    default:  return {acc_t(1) - alpha, alpha, acc_t(0)};  // 'M'
+  }
+}
+
+template <typename acc_t>
+CSD_HD Needs needs_of(const Mixture<acc_t>& w1, const Mixture<acc_t>& w2) {
+  return {w1.s != acc_t(0) || w2.s != acc_t(0),
+          w1.t != acc_t(0) || w2.t != acc_t(0),
+          w1.u != acc_t(0) || w2.u != acc_t(0)};
+}
+
+// ---------------------------------------------------------------------------
+// Scalar primitives, for float (fp32 accumulation) and double (fp64 inputs).
+// ---------------------------------------------------------------------------
+CSD_HD float exp_of(float x) { return ::expf(x); }
+CSD_HD double exp_of(double x) { return ::exp(x); }
+CSD_HD float log_of(float x) { return ::logf(x); }
+CSD_HD double log_of(double x) { return ::log(x); }
+
+template <typename acc_t>
+CSD_HD acc_t neg_inf() { return -std::numeric_limits<acc_t>::infinity(); }
+
+// max that propagates NaN (fmax would drop it), so a NaN logit makes the
+// whole row NaN instead of silently disappearing.
+template <typename acc_t>
+CSD_HD acc_t max_nan(acc_t a, acc_t b) {
+  return (a != a || a > b) ? a : b;
+}
+
+template <typename acc_t>
+CSD_HD bool is_unmasked(acc_t z, acc_t t) {
+  return z != neg_inf<acc_t>() && t != neg_inf<acc_t>();
+}
+
+// ---------------------------------------------------------------------------
+// Moments of d under w_i ∝ exp(a_i) over a set of entries.
+//   max  = max_i a_i                    (-inf for the empty set)
+//   sum  = sum_i exp(a_i - max)
+//   mean = sum_i exp(a_i - max) d_i / sum
+//   m2   = sum_i exp(a_i - max) (d_i - mean)^2     (centred, same scale as sum)
+// For U every a_i is 0, so max = 0 and sum is the count.
+// ---------------------------------------------------------------------------
+template <typename acc_t>
+CSD_HD Moments<acc_t> empty_moments() {
+  return {neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0)};
+}
+
+// `sum == 0` is false for NaN, so a NaN state is never mistaken for empty.
+template <typename acc_t>
+CSD_HD bool is_empty(const Moments<acc_t>& m) {
+  return m.sum == acc_t(0);
+}
+
+// Chan et al.'s parallel update, with both sides rescaled to the joint max.
+template <typename acc_t>
+CSD_HD Moments<acc_t> merge(const Moments<acc_t>& a, const Moments<acc_t>& b) {
+  if (is_empty(b)) return a;
+  if (is_empty(a)) return b;
+  const acc_t mx = max_nan(a.max, b.max);
+  const acc_t ca = exp_of(a.max - mx);
+  const acc_t cb = exp_of(b.max - mx);
+  const acc_t sa = a.sum * ca;
+  const acc_t sb = b.sum * cb;
+  const acc_t s = sa + sb;
+  const acc_t frac_b = sb / s;
+  const acc_t delta = b.mean - a.mean;
+  Moments<acc_t> out;
+  out.max = mx;
+  out.sum = s;
+  out.mean = a.mean + delta * frac_b;
+  out.m2 = a.m2 * ca + b.m2 * cb + delta * delta * sa * frac_b;
+  return out;
+}
+
+// Moments of a small chunk, by the exact two-pass formula: max, then the
+// weights and the mean, then the centred second moment.  Kernels call it on a
+// chunk held in registers (CUDA: one vector load per thread) or in the tail
+// of a CPU tile, and merge the result into their running state.  `a` is the
+// weight logit (z/tau, t/tau, or 0 for U); masked entries are skipped.
+template <typename acc_t, int N>
+CSD_HD Moments<acc_t> chunk_moments(const acc_t (&a)[N], const acc_t (&d)[N],
+                                    const bool (&unmasked)[N], int n = N) {
+  acc_t mx = neg_inf<acc_t>();
+  bool any = false;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if (i < n && unmasked[i]) {
+      mx = any ? max_nan(mx, a[i]) : a[i];
+      any = true;
+    }
+  }
+  if (!any) return empty_moments<acc_t>();
+  acc_t e[N];
+  acc_t s = 0, sd = 0;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    e[i] = (i < n && unmasked[i]) ? exp_of(a[i] - mx) : acc_t(0);
+    s += e[i];
+    sd += (i < n && unmasked[i]) ? e[i] * d[i] : acc_t(0);
+  }
+  const acc_t mean = sd / s;
+  acc_t m2 = 0;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const acc_t c = d[i] - mean;
+    m2 += (i < n && unmasked[i]) ? e[i] * c * c : acc_t(0);
+  }
+  return {mx, s, mean, m2};
+}
+
+// One element: the running-state form used where there is no chunk to batch.
+template <typename acc_t>
+CSD_HD Moments<acc_t> push(const Moments<acc_t>& m, acc_t a, acc_t d) {
+  return merge(m, Moments<acc_t>{a, acc_t(1), d, acc_t(0)});
+}
+
+template <typename acc_t>
+CSD_HD acc_t variance_of(const Moments<acc_t>& m) {
+  return m.m2 / m.sum;
+}
+
+template <typename acc_t>
+CSD_HD acc_t log_sum_exp_of(const Moments<acc_t>& m) {
+  return m.max + log_of(m.sum);
+}
+
+// ---------------------------------------------------------------------------
+// Finalise one row: loss and the statistics the backward needs.
+// ---------------------------------------------------------------------------
+// Mean and variance of d under a mixture  cs*S + ct*T + cu*U.  The variance
+// uses the stable decomposition  sum_i c_i Var_i + sum_i c_i (E_i - E)^2.
+template <typename acc_t>
+CSD_HD MeanVar<acc_t> mixture_mean_var(const Mixture<acc_t>& w,
+                                       const MeanVar<acc_t>& s,
+                                       const MeanVar<acc_t>& t,
+                                       const MeanVar<acc_t>& u) {
+  // Terms with a zero coefficient are skipped rather than multiplied by 0,
+  // so a base distribution that was never computed cannot inject a NaN.
+  acc_t mean = 0;
+  if (w.s != acc_t(0)) mean += w.s * s.mean;
+  if (w.t != acc_t(0)) mean += w.t * t.mean;
+  if (w.u != acc_t(0)) mean += w.u * u.mean;
+  acc_t var = 0;
+  if (w.s != acc_t(0)) { const acc_t c = s.mean - mean; var += w.s * (s.var + c * c); }
+  if (w.t != acc_t(0)) { const acc_t c = t.mean - mean; var += w.t * (t.var + c * c); }
+  if (w.u != acc_t(0)) { const acc_t c = u.mean - mean; var += w.u * (u.var + c * c); }
+  return {mean, var};
+}
+
+// `s`, `t`, `u` are the row's moments under S, T and U; the ones the
+// weighting does not need may be left empty.  A row with no unmasked entry
+// gets loss 0 and zero means, hence a zero gradient.
+template <typename acc_t>
+CSD_HD RowResult<acc_t> finalize_row(const Moments<acc_t>& s,
+                                     const Moments<acc_t>& t,
+                                     const Moments<acc_t>& u,
+                                     const Mixture<acc_t>& w1,
+                                     const Mixture<acc_t>& w2) {
+  RowResult<acc_t> r{acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  const Needs need = needs_of(w1, w2);
+  const bool empty = (need.s && is_empty(s)) || (need.t && is_empty(t)) ||
+                     (need.u && is_empty(u));
+  if (empty) return r;
+  const MeanVar<acc_t> ms{need.s ? s.mean : acc_t(0), need.s ? variance_of(s) : acc_t(0)};
+  const MeanVar<acc_t> mt{need.t ? t.mean : acc_t(0), need.t ? variance_of(t) : acc_t(0)};
+  const MeanVar<acc_t> mu{need.u ? u.mean : acc_t(0), need.u ? variance_of(u) : acc_t(0)};
+  const MeanVar<acc_t> a = mixture_mean_var(w1, ms, mt, mu);
+  const MeanVar<acc_t> b = mixture_mean_var(w2, ms, mt, mu);
+  const acc_t gap = a.mean - b.mean;
+  r.loss = acc_t(0.25) * (a.var + b.var + gap * gap);
+  r.lse_s = need.s ? log_sum_exp_of(s) : acc_t(0);
+  r.lse_t = need.t ? log_sum_exp_of(t) : acc_t(0);
+  r.inv_count = need.u ? acc_t(1) / u.sum : acc_t(0);
+  r.mean1 = a.mean;
+  r.mean2 = b.mean;
+  return r;
+}
+
+// ---------------------------------------------------------------------------
+// Per-element gradient.  Templated on T so it compiles for scalars (CUDA, CPU
+// tails, tests) and for at::vec::Vectorized (the CPU SIMD body).  The caller
+// zeroes masked entries.
+//   ws, wt : S_k and T_k (exp(z_k/tau - lse_s), exp(t_k/tau - lse_t)), or 0
+//            when the weighting does not use them;
+//   wu     : 1/count (U_k) or 0.
+//   scale  : grad_output of the row (times 1/n_valid for a mean, folded in
+//            by autograd) -- multiplied in here so the gradient is written once.
+// ---------------------------------------------------------------------------
+template <typename T, typename acc_t>
+CSD_HD T mixture_weight(const Mixture<acc_t>& w, const T& ws, const T& wt, const T& wu) {
+  return T(w.s) * ws + T(w.t) * wt + T(w.u) * wu;
+}
+
+template <typename T>
+CSD_HD T element_grad(const T& w1, const T& w2, const T& d, const T& mean1,
+                      const T& mean2, const T& half_scale) {
+  return half_scale * (w1 * (d - mean2) + w2 * (d - mean1));
+}
+
+CSD_FUNCTIONS_END
+}  // namespace csd

@@ -1,0 +1,91 @@
+// Op schemas, argument checks, and the Python module stub.
+//
+// Ops (see csd_ext/_ops.py for fake and autograd registrations):
+//   csd_forward(student [N,V], teacher [N,V], row_mask [N] bool?, weighting,
+//               alpha, temperature) -> (loss [N], stats [N, kNumStats])
+//   csd_backward(grad_loss [N], student, teacher, stats, weighting, alpha,
+//                temperature) -> grad_student [N,V]
+// loss and stats are float32, or float64 when either input is float64.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "csd_kernel_api.h"
+
+// An importable, empty `csd_ext._C` module: loading it runs the static
+// TORCH_LIBRARY registrations below (as in pytorch/extension-cpp).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace csd {
+
+LossConfig make_config(const std::string& weighting, double alpha, double temperature) {
+  TORCH_CHECK_VALUE(weighting.size() == 2 && is_weight_letter(weighting[0]) &&
+                        is_weight_letter(weighting[1]),
+                    "weighting must be two letters from S, T, U, M (e.g. 'SS', 'TS'), got '",
+                    weighting, "'");
+  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0,
+                    "temperature must be a finite number > 0, got ", temperature);
+  return {mixture_of<double>(weighting[0], alpha), mixture_of<double>(weighting[1], alpha),
+          1.0 / temperature};
+}
+
+static bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+void check_logits(const at::Tensor& student, const at::Tensor& teacher) {
+  TORCH_CHECK_TYPE(is_supported_float(student.scalar_type()),
+                   "student_logits must be float32, bfloat16, float16 or float64, got ",
+                   student.scalar_type());
+  TORCH_CHECK_TYPE(is_supported_float(teacher.scalar_type()),
+                   "teacher_logits must be float32, bfloat16, float16 or float64, got ",
+                   teacher.scalar_type());
+  TORCH_CHECK_VALUE(student.dim() == 2 && teacher.dim() == 2,
+                    "csd_ext ops take 2-D [N, V] logits; got student_logits of shape ",
+                    student.sizes(), " and teacher_logits of shape ", teacher.sizes());
+  TORCH_CHECK_VALUE(student.size(1) == teacher.size(1),
+                    "student_logits has vocabulary size ", student.size(1),
+                    " but teacher_logits has ", teacher.size(1),
+                    "; slice both to the shared vocabulary, e.g. logits[..., :V]");
+  TORCH_CHECK_VALUE(student.size(0) == teacher.size(0), "student_logits has ", student.size(0),
+                    " rows but teacher_logits has ", teacher.size(0));
+  TORCH_CHECK_VALUE(student.device() == teacher.device(),
+                    "student_logits is on ", student.device(), " but teacher_logits is on ",
+                    teacher.device());
+  TORCH_CHECK_VALUE(student.size(1) > 0, "student_logits has an empty vocabulary dimension");
+}
+
+void check_row_mask(const std::optional<at::Tensor>& row_mask, const at::Tensor& student) {
+  if (!row_mask.has_value()) return;
+  const at::Tensor& m = *row_mask;
+  TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, "row_mask must be a bool tensor, got ",
+                   m.scalar_type());
+  TORCH_CHECK_VALUE(m.dim() == 1 && m.size(0) == student.size(0), "row_mask must have shape [",
+                    student.size(0), "], got ", m.sizes());
+  TORCH_CHECK_VALUE(m.device() == student.device(), "row_mask is on ", m.device(),
+                    " but student_logits is on ", student.device());
+}
+
+at::ScalarType accumulate_type_of(const at::Tensor& student, const at::Tensor& teacher) {
+  return (student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble)
+             ? at::kDouble
+             : at::kFloat;
+}
+
+}  // namespace csd
+
+TORCH_LIBRARY(csd_ext, m) {
+  m.def(
+      "csd_forward(Tensor student, Tensor teacher, Tensor? row_mask, str weighting, "
+      "float alpha, float temperature) -> (Tensor, Tensor)");
+  m.def(
+      "csd_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, "
+      "str weighting, float alpha, float temperature) -> Tensor");
+}

@@ -1,0 +1,157 @@
+"""Build csd_ext against the PyTorch installed in the current environment.
+
+    pip install --no-build-isolation .
+
+Environment knobs:
+  FORCE_CUDA=1            build the CUDA kernels even when no GPU is visible
+                          (needs a CUDA build of torch and CUDA_HOME).
+  CUDA_HOME               the CUDA toolkit's root (the directory holding bin/nvcc).
+  TORCH_CUDA_ARCH_LIST    GPU architectures; default "8.0;8.6;8.9;9.0"
+                          (Ampere A100/A10/RTX 30, Ada L4/RTX 40, Hopper H100/H200).
+  CSD_CPU_ISAS            CPU kernel variants to build, default "default,avx2,avx512"
+                          on x86-64 ("default" elsewhere); the fastest one the CPU
+                          supports is picked at run time, like ATen's own kernels.
+  MAX_JOBS                parallel compile jobs.
+"""
+
+import os
+import platform
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # plain `pip install .` builds in an isolated env without torch
+    sys.exit(
+        "csd_ext compiles against the PyTorch already installed in your environment, "
+        "so it must be built without build isolation:\n"
+        "    pip install torch && pip install --no-build-isolation .\n"
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+
+# Flags per CPU instruction set, as ATen uses for its own CPU kernels.
+CPU_ISA_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+
+
+def read_version():
+    scope = {}
+    with open(os.path.join(ROOT, "csd_ext", "_version.py")) as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
+def cpu_isas():
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64")
+    wanted = os.environ.get("CSD_CPU_ISAS", "default,avx2,avx512" if is_x86 else "default")
+    isas = [s.strip().lower() for s in wanted.split(",") if s.strip()]
+    unknown = [s for s in isas if s not in CPU_ISA_FLAGS]
+    if unknown:
+        sys.exit(f"CSD_CPU_ISAS: unknown instruction sets {unknown}; choose from {list(CPU_ISA_FLAGS)}")
+    if "default" not in isas:
+        isas.insert(0, "default")  # the fallback every CPU can run
+    return isas
+
+
+def want_cuda():
+    force = os.environ.get("FORCE_CUDA", "0") == "1"
+    has_toolkit = cpp_extension.CUDA_HOME is not None and os.path.exists(
+        os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    )
+    if force and torch.version.cuda is None:
+        sys.exit("FORCE_CUDA=1 needs a CUDA build of torch; this torch is " + torch.__version__)
+    if force and not has_toolkit:
+        sys.exit("FORCE_CUDA=1 needs CUDA_HOME set to the CUDA toolkit root (the directory with bin/nvcc)")
+    return has_toolkit and torch.version.cuda is not None and (force or torch.cuda.is_available())
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus one object per CPU instruction set.
+
+    Each csrc/cpu/isa/csd_cpu_<isa>.cpp needs its own -m flags, which a
+    setuptools Extension cannot give per file, so they are compiled here and
+    linked as extra objects.  They come after the regular objects on the link
+    line, so shared inline functions resolve to the baseline-ISA copies.
+    """
+
+    def build_extension(self, ext):
+        isa_sources = getattr(ext, "isa_sources", {})
+        if isa_sources:
+            ext.extra_objects = list(ext.extra_objects or []) + self._compile_isa_objects(ext, isa_sources)
+        super().build_extension(ext)
+
+    def _compile_isa_objects(self, ext, isa_sources):
+        from setuptools._distutils.ccompiler import new_compiler
+        from setuptools._distutils.sysconfig import customize_compiler
+
+        abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+        common = ["-O3", "-std=c++17", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C"]
+        include_dirs = list(ext.include_dirs) + [sysconfig.get_paths()["include"]]
+        out_dir = os.path.join(self.build_temp, "cpu_isa")
+
+        def compile_one(item):
+            isa, src = item
+            cc = new_compiler()
+            customize_compiler(cc)
+            return cc.compile(
+                [src], output_dir=out_dir, include_dirs=include_dirs,
+                extra_postargs=common + CPU_ISA_FLAGS[isa],
+            )
+
+        jobs = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            objects = [o for objs in pool.map(compile_one, isa_sources.items()) for o in objs]
+        return objects
+
+
+def make_extension():
+    isas = cpu_isas()
+    define_macros = [(f"CSD_HAVE_{isa.upper()}", "1") for isa in isas if isa != "default"]
+    sources = [os.path.join(CSRC, "csd_ops.cpp"), os.path.join(CSRC, "cpu", "csd_cpu.cpp")]
+    cxx_flags = ["-O3", "-std=c++17"]
+    if want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        cuda_dir = os.path.join(CSRC, "cuda")
+        sources += sorted(os.path.join(cuda_dir, f) for f in os.listdir(cuda_dir) if f.endswith((".cu", ".cpp")))
+        define_macros.append(("CSD_WITH_CUDA", "1"))
+        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=-v", "--expt-relaxed-constexpr"]
+        ext = cpp_extension.CUDAExtension(
+            "csd_ext._C", sources, define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "csd_ext._C", sources, define_macros=define_macros, extra_compile_args={"cxx": cxx_flags},
+        )
+    ext.isa_sources = {isa: os.path.join(CSRC, "cpu", "isa", f"csd_cpu_{isa}.cpp") for isa in isas}
+    return ext
+
+
+setup(
+    name="csd_ext",
+    version=read_version(),
+    description="Concrete Score Distillation (CSD) loss for LLM distillation: fast C++/CUDA PyTorch ops",
+    packages=find_packages(include=["csd_ext", "csd_ext.*"]),
+    package_data={"csd_ext": ["configs/*.yaml"]},
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+    extras_require={
+        "train": ["transformers", "tokenizers", "peft", "accelerate", "safetensors", "tqdm",
+                  "rouge-score", "matplotlib", "pyyaml"],
+        "test": ["pytest", "hypothesis", "expecttest", "numpy"],
+    },
+    entry_points={"console_scripts": ["csd-distill=csd_ext.distill:main"]},
+    zip_safe=False,
+)
