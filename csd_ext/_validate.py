@@ -25,12 +25,9 @@ def check_alpha(alpha):
 
 
 def check_temperature(temperature):
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not math.isfinite(temperature)
-        or temperature <= 0
-    ):
+    # Plain comparisons (not math.isfinite) so torch.compile can trace a
+    # dynamic float; NaN fails both comparisons.
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return float(temperature)
 

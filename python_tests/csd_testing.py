@@ -1,0 +1,127 @@
+"""Input generators and tolerances for the CSD tests."""
+
+import math
+
+import torch
+
+ALL_WEIGHTINGS = [a + b for a in "STUM" for b in "STUM"]
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def make_logits(shape, *, scale=3.0, offset=0.0, dtype=torch.float32, seed=0, mask_frac=0.0, device="cpu"):
+    """Student/teacher logits of `shape`, teacher correlated with the student so
+    the loss is in a realistic range; `mask_frac` of entries set to -inf in
+    one of the two (randomly which)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+    z = base + 0.5 * scale * torch.randn(shape, generator=g, dtype=torch.float64)
+    t = base + offset
+    if mask_frac > 0:
+        m = torch.rand(shape, generator=g) < mask_frac
+        which = torch.rand(shape, generator=g) < 0.5
+        z = z.masked_fill(m & which, -math.inf)
+        t = t.masked_fill(m & ~which, -math.inf)
+    return z.to(dtype).to(device), t.to(dtype).to(device)
+
+
+def make_labels(lead_shape, *, ignore_frac=0.3, seed=0, ignore_index=-100, device="cpu"):
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, 1000, lead_shape, generator=g)
+    labels[torch.rand(lead_shape, generator=g) < ignore_frac] = ignore_index
+    return labels.to(device)
+
+
+def as_f64(x):
+    return x.detach().to(torch.float64)
+
+
+def _row_magnitude(z, t):
+    """max(|z|, |t|) over the unmasked entries of each row, [N, 1]."""
+    z, t = as_f64(z), as_f64(t)
+    masked = torch.isneginf(z) | torch.isneginf(t)
+    mag = torch.maximum(z.abs(), t.abs()).masked_fill(masked, 0)
+    mag = torch.where(torch.isfinite(mag), mag, torch.zeros_like(mag))
+    return mag.amax(dim=-1, keepdim=True) if mag.shape[-1] else mag.sum(-1, keepdim=True)
+
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def loss_tolerance(z, t, ref_loss, ref_grad_unit):
+    """Per-row absolute tolerance for an fp32-accumulated loss against fp64 math
+    on the same input values.
+
+    The kernel rounds d = z - t to fp32 (|delta d_k| <= eps * max(|z_k|, |t_k|)),
+    which moves L by at most sum_k |dL/dd_k| * |delta d_k|; the fp32 exp and
+    sums add a few tens of eps relative to L.  This is ~1e-6 relative -- four
+    orders tighter than bf16 accumulation could meet (eps_bf16 = 7.8e-3).
+    `ref_grad_unit` is the reference gradient of the per-row losses (2-D)."""
+    z2, t2 = as_f64(z).reshape(ref_grad_unit.shape), as_f64(t).reshape(ref_grad_unit.shape)
+    d_rounding = 4 * EPS32 * (ref_grad_unit.abs() * _row_magnitude(z2, t2)).sum(-1)
+    # The fp64 reference's own rounding (it is not exact either): ~eps64 * |d|^2.
+    reference_noise = 1e-14 * (1 + _row_magnitude(z2, t2).squeeze(-1) ** 2)
+    return d_rounding + 64 * EPS32 * ref_loss.reshape(-1).abs() + reference_noise
+
+
+def grad_tolerance(z, t, ref_grad, w1, w2):
+    """Element-wise absolute tolerance for the fp32-accumulated gradient
+    1/2 [w1 (d - E_w2 d) + w2 (d - E_w1 d)] (2-D inputs): rounding d and the
+    means moves it by ~ eps * (w1 + w2) * max|z|,|t| of the row; the fp32 exp
+    and sums by a few tens of eps relative to the gradient itself."""
+    z2, t2 = as_f64(z).reshape(ref_grad.shape), as_f64(t).reshape(ref_grad.shape)
+    mag = _row_magnitude(z2, t2)
+    return 8 * EPS32 * (w1 + w2) * mag + 64 * EPS32 * ref_grad.abs() + 1e-30
+
+
+def check_against_reference(z, t, labels=None, **kw):
+    """Asserts csd_loss (values and gradients, reduction="none" with a random
+    per-row grad_output) matches the float64 reference on the same values,
+    within the fp32-accumulation tolerances above.  Works for any device."""
+    from csd_ext import csd_loss
+    from csd_ext.reference import csd_loss_reference, csd_weights
+
+    vocab = z.shape[-1]
+    zk = z.clone().requires_grad_(True)
+    out = csd_loss(zk, t, labels, reduction="none", **kw)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (out * g.to(out.device, out.dtype)).sum().backward()
+
+    zc, tc = as_f64(z).cpu(), as_f64(t).cpu()
+    lab = None if labels is None else labels.cpu()
+    zr = zc.clone().requires_grad_(True)
+    ref = csd_loss_reference(zr, tc, lab, reduction="none", **kw)
+    (ref * g).sum().backward()
+    zu = zc.clone().requires_grad_(True)  # unit grad_output: dL_row/dz for the loss tolerance
+    csd_loss_reference(zu, tc, lab, reduction="none", **kw).sum().backward()
+
+    acc = torch.float64 if torch.float64 in (z.dtype, t.dtype) else torch.float32
+    assert out.dtype == acc and out.shape == z.shape[:-1]
+    assert zk.grad.dtype == z.dtype and zk.grad.shape == z.shape
+    outc, gradc = out.detach().cpu().double(), zk.grad.cpu().double()
+    ref_grad = zr.grad.reshape(-1, vocab)
+    if acc == torch.float64:
+        torch.testing.assert_close(outc, ref.detach(), rtol=1e-9, atol=1e-9)
+        # The gradient is stored in the student's dtype: only that final rounding.
+        info = torch.finfo(z.dtype)
+        rtol = max(1e-9, info.eps)
+        torch.testing.assert_close(gradc, zr.grad, rtol=rtol, atol=1e-12 + info.smallest_normal * info.eps)
+        return out, zk.grad
+    tol = loss_tolerance(zc, tc, ref.detach(), zu.grad.reshape(-1, vocab))
+    err = (outc - ref.detach()).reshape(-1).abs()
+    assert (err <= tol).all(), f"loss error {err.max().item():.3g} > tol; worst row {int((err / tol).argmax())}"
+    w1, w2 = csd_weights(zc.reshape(-1, vocab), tc.reshape(-1, vocab), kw.get("weighting", "SS"),
+                         kw.get("alpha", 0.5), kw.get("temperature", 1.0))
+    scale = g.reshape(-1, 1).abs()
+    gtol = grad_tolerance(zc, tc, ref_grad, w1 * scale, w2 * scale)
+    # Final rounding to the student's dtype (relative, or the subnormal spacing
+    # for tiny values: float16 flushes a 1e-8 gradient to a multiple of 6e-8).
+    info = torch.finfo(z.dtype)
+    gtol = gtol + info.eps * ref_grad.abs() + info.smallest_normal * info.eps
+    gerr = (gradc.reshape(-1, vocab) - ref_grad).abs()
+    assert (gerr <= gtol).all(), f"grad error {gerr.max().item():.3g}, worst ratio {(gerr / gtol).max().item():.3g}"
+    if labels is not None:
+        ignored = labels == kw.get("ignore_index", -100)
+        assert (out[ignored] == 0).all() and (zk.grad[ignored] == 0).all()
+    masked = torch.isneginf(z) | torch.isneginf(t)
+    assert (zk.grad[masked] == 0).all()
+    return out, zk.grad
