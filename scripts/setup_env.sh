@@ -13,9 +13,15 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
+# This machine's pip configuration names local package folders that may be
+# absent; pip warns once per package about each.  Keep the log readable.
+pip_install() {
+  python -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location '" >&2)
+}
 echo "[setup] installing torch 2.13.0 (CPU) and dependencies"
-python -m pip install -q --disable-pip-version-check torch==2.13.0
-python -m pip install -q --disable-pip-version-check -r "$repo_root/requirements.txt"
+pip_install torch==2.13.0
+pip_install -r "$repo_root/requirements.txt"
 echo "[setup] building csd_ext (takes ~2-3 minutes on 2 cores)"
-MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --disable-pip-version-check --no-build-isolation "$repo_root"
-python -c "import csd_ext, torch; print('[setup] csd_ext', csd_ext.__version__, 'backends', csd_ext.compiled_backends(), 'cpu kernel', torch.ops.csd_ext.cpu_kernel_isa())"
+MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation "$repo_root"
+# -P: import the installed package, not the source tree in the current directory.
+python -P -c "import csd_ext, torch; print('[setup] csd_ext', csd_ext.__version__, 'backends', csd_ext.compiled_backends(), 'cpu kernel', torch.ops.csd_ext.cpu_kernel_isa())"
