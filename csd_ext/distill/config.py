@@ -35,7 +35,7 @@ class TinyConfig:
     teacher_lr: float = 1e-3
     student_steps: int = 150          # distillation steps for each student
     student_lr: float = 1e-3
-    baselines: list = field(default_factory=lambda: ["rkl"])  # losses compared with CSD
+    baselines: list = field(default_factory=lambda: ["fkl"])  # losses compared with CSD
 
 
 @dataclass

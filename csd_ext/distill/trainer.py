@@ -24,14 +24,24 @@ from .logging_utils import MetricsLog, info
 from .models import resolve_mixed_precision
 
 
+CE_CHUNK_ROWS = 2048  # rows upcast at a time when CE is only logged (bounds the fp32 copy)
+
+
 def token_cross_entropy(logits, labels):
     """Mean CE over positions whose label is not -100, computed in fp32 on those rows only.
 
-    Returns 0 (not NaN) for a batch with no counted position.
+    Returns 0 (not NaN) for a batch with no counted position.  Without
+    autograd (CE only logged, kd_ratio = 1) the fp32 upcast is done a chunk of
+    rows at a time, so a 256k vocabulary does not need a full fp32 copy.
     """
     mask = labels != IGNORE_INDEX
-    rows = logits[mask].float()
-    total = F.cross_entropy(rows, labels[mask], reduction="sum")
+    rows, targets = logits[mask], labels[mask]
+    if torch.is_grad_enabled() and rows.requires_grad:
+        total = F.cross_entropy(rows.float(), targets, reduction="sum")
+    else:
+        total = sum((F.cross_entropy(rows[i:i + CE_CHUNK_ROWS].float(), targets[i:i + CE_CHUNK_ROWS],
+                                     reduction="sum") for i in range(0, rows.shape[0], CE_CHUNK_ROWS)),
+                    rows.new_zeros((), dtype=torch.float32))
     return total / mask.sum().clamp(min=1)
 
 

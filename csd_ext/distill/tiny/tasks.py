@@ -3,14 +3,15 @@
 Four small tasks, each with a couple of phrasings, written as Dolly records
 (instruction, context, response):
 
-    reverse  "Reverse the letters."            "c a f e"               -> "e f a c"
-    sort     "Sort the letters alphabetically." "d b a"                -> "a b d"
-    add      "Add the two numbers."            "3 + 4"                 -> "7"
-    lookup   "What is the city?"               "name: ana; city: oslo" -> "oslo"
+    reverse  "Reverse the letters."             "c-a-f-e"             -> "e-f-a-c"
+    sort     "Sort the letters alphabetically." "d-b-a"               -> "a-b-d"
+    add      "Add the two numbers."             "3+4"                 -> "7"
+    lookup   "What is the city?"                "name=ana;city=oslo"  -> "oslo"
 
-Letters are space-separated so a byte-level BPE keeps one token per letter
-and the tasks stay learnable by a tiny model.  The evaluation split never
-shares a (task, context, question) with the training split.
+Letters, digits and values are joined by punctuation, not spaces: GPT-2's
+pre-tokenizer then gives every letter (and value) the same token in the
+input and in the answer, so the tasks stay learnable by a tiny model.  The
+evaluation split never shares a (task, context, question) with training.
 """
 
 import random
@@ -38,18 +39,18 @@ def make_example(task, rng):
     """(record, key) for one example; the key identifies it regardless of phrasing."""
     if task == "reverse":
         ls = _letters(rng)
-        rec = (rng.choice(PHRASES[task]), " ".join(ls), " ".join(reversed(ls)))
+        rec = (rng.choice(PHRASES[task]), "-".join(ls), "-".join(reversed(ls)))
     elif task == "sort":
         ls = _letters(rng)
-        rec = (rng.choice(PHRASES[task]), " ".join(ls), " ".join(sorted(ls)))
+        rec = (rng.choice(PHRASES[task]), "-".join(ls), "-".join(sorted(ls)))
     elif task == "add":
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        rec = (rng.choice(PHRASES[task]), f"{a} + {b}", str(a + b))
+        rec = (rng.choice(PHRASES[task]), f"{a}+{b}", str(a + b))
     elif task == "lookup":
         names = rng.sample(sorted(FIELDS), 3)
         values = {f: rng.choice(FIELDS[f]) for f in names}
         asked = rng.choice(names)
-        rec = (f"What is the {asked}?", "; ".join(f"{f}: {values[f]}" for f in names), values[asked])
+        rec = (f"What is the {asked}?", ";".join(f"{f}={values[f]}" for f in names), values[asked])
     else:
         raise ValueError(f"unknown tiny task {task!r}; choose from {', '.join(TASK_NAMES)}")
     instruction, context, response = rec
