@@ -1,0 +1,153 @@
+"""Evaluation by generation, as in the paper: sampled responses (temperature 1,
+top-p 1, several seeds) scored by ROUGE-L against the references, a diversity
+figure (distinct-n), and optionally greedy decoding scored by exact match
+(GSM8K style: the number after '####') and agreement with the teacher.
+"""
+
+import contextlib
+import json
+import os
+import re
+import statistics
+
+import torch
+
+from .data import left_padded_prompts
+
+
+def _autocast(device, mixed_precision):
+    if device.type == "cuda" and mixed_precision in ("fp16", "bf16"):
+        return torch.autocast("cuda", dtype=torch.float16 if mixed_precision == "fp16" else torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids, *, do_sample, seed=None, max_new_tokens=256, batch_size=16,
+             no_repeat_ngram_size=0, mixed_precision="no"):
+    """Decode a response for every prompt (token id lists); returns strings cut at eos.
+
+    Prompts are batched by length with left padding (so each row continues at
+    the end); sampling uses temperature 1, top-p 1 and no top-k, the paper's
+    setting, seeded once per call.
+    """
+    from transformers import GenerationConfig, set_seed
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    if no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = no_repeat_ngram_size
+    if do_sample:
+        kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    else:
+        kwargs.update(do_sample=False)
+    gen_config = GenerationConfig(**kwargs)
+    if seed is not None:
+        set_seed(seed)
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    outputs = [None] * len(prompt_ids)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        input_ids, attention_mask = left_padded_prompts([prompt_ids[i] for i in idx], tokenizer.pad_token_id)
+        with _autocast(device, mixed_precision):
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 generation_config=gen_config)
+        for row, i in enumerate(idx):
+            new = out[row, input_ids.shape[1]:].tolist()
+            if tokenizer.eos_token_id in new:
+                new = new[: new.index(tokenizer.eos_token_id)]
+            outputs[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+    model.train(was_training)
+    return outputs
+
+
+_SCORER = None
+
+
+def rouge_l(predictions, references):
+    """Mean ROUGE-L F1 (x100) with rouge-score's default tokenisation."""
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"])
+    scores = [_SCORER.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return 100.0 * sum(scores) / max(len(scores), 1)
+
+
+def normalise_text(s):
+    return " ".join(s.strip().split())
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def gsm8k_answer(text):
+    """The number after '####' (GSM8K's answer line), else the last number in the text."""
+    tail = text.split("####")[-1] if "####" in text else text
+    found = _NUMBER.findall(tail)
+    if not found:
+        return None
+    try:
+        return float(found[0 if "####" in text else -1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def is_correct(prediction, reference, answer_format="text"):
+    if answer_format == "gsm8k":
+        want, got = gsm8k_answer(reference), gsm8k_answer(prediction)
+        return want is not None and got is not None and abs(want - got) < 1e-6
+    return normalise_text(prediction) == normalise_text(reference)
+
+
+def exact_match(predictions, references, answer_format="text"):
+    hits = [is_correct(p, r, answer_format) for p, r in zip(predictions, references)]
+    return 100.0 * sum(hits) / max(len(hits), 1)
+
+
+def distinct_n(texts, n=2):
+    """Distinct unique n-grams / all n-grams over a set of responses (whitespace words)."""
+    grams = [tuple(words[i:i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    return 100.0 * len(set(grams)) / len(grams) if grams else 0.0
+
+
+def evaluate_model(model, tokenizer, items, cfg, *, name, out_dir=None, teacher_greedy=None,
+                   mixed_precision="no", log=print):
+    """Score one model on encoded eval items; writes its generations to JSONL when out_dir is given."""
+    prompts = [it["prompt_ids"] for it in items]
+    refs = [it["reference"] for it in items]
+    common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                  no_repeat_ngram_size=cfg.no_repeat_ngram_size, mixed_precision=mixed_precision)
+    result = {"name": name, "n_prompts": len(items)}
+    generations = {}
+    per_seed = []
+    for seed in cfg.eval_seeds:
+        outs = generate(model, tokenizer, prompts, do_sample=True, seed=seed, **common)
+        generations[f"sample_seed{seed}"] = outs
+        per_seed.append((rouge_l(outs, refs), exact_match(outs, refs, cfg.answer_format), distinct_n(outs, 2)))
+    if per_seed:
+        rl, em, d2 = zip(*per_seed)
+        result.update(rougeL=statistics.mean(rl), rougeL_sd=statistics.pstdev(rl), exact_match=statistics.mean(em),
+                      distinct_2=statistics.mean(d2), seeds=list(cfg.eval_seeds), rougeL_per_seed=list(rl))
+    if cfg.eval_greedy:
+        outs = generate(model, tokenizer, prompts, do_sample=False, **common)
+        generations["greedy"] = outs
+        result.update(greedy_rougeL=rouge_l(outs, refs), greedy_exact_match=exact_match(outs, refs, cfg.answer_format))
+        if teacher_greedy is not None:
+            same = [normalise_text(a) == normalise_text(b) for a, b in zip(outs, teacher_greedy)]
+            result["teacher_agreement"] = 100.0 * sum(same) / max(len(same), 1)
+            result["rougeL_vs_teacher"] = rouge_l(outs, teacher_greedy)
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
+        with open(os.path.join(out_dir, f"generations-{slug}.jsonl"), "w") as f:
+            for i, it in enumerate(items):
+                row = {"prompt": it["prompt"], "reference": it["reference"]}
+                row.update({k: v[i] for k, v in generations.items()})
+                f.write(json.dumps(row) + "\n")
+    log(f"eval {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()
+                                      if isinstance(v, float)))
+    return result, generations.get("greedy")
