@@ -96,13 +96,12 @@ class _ComputeWeight:
             blk.copy_(self.weight[j:e])
             yield j, e, blk
 
-    def linear(self, x: Tensor) -> Tensor:
-        """x [C, H] (in dtype) @ weight.T + bias -> [C, V] in dtype."""
+    def linear(self, x: Tensor, out: Tensor) -> Tensor:
+        """out [C, V] = x [C, H] @ weight.T + bias, all in dtype."""
         if self.same:
             if self.bias is None:
-                return torch.mm(x, self.weight.t())
-            return torch.addmm(self.bias, x, self.weight.t())
-        out = x.new_empty((x.shape[0], self.weight.shape[0]))
+                return torch.mm(x, self.weight.t(), out=out)
+            return torch.addmm(self.bias, x, self.weight.t(), out=out)
         for j, e, w in self._blocks():
             if self.bias is None:
                 torch.mm(x, w.t(), out=out[:, j:e])
@@ -137,19 +136,28 @@ class _Plan:
             entry = 8 if torch.float64 in (self.z_dtype, self.t_dtype) else 4
             chunk_size = auto_chunk_rows(self.rows, weight.shape[0], entry, buffers)
         self.chunk = chunk_size
+        # One logits buffer per side, reused by every chunk: allocating a fresh [chunk, V]
+        # per chunk makes the heap keep several of them (RSS grows with the churn).
+        rows = min(self.chunk, self.rows)
+        self.z_buf = hidden.new_empty((rows, weight.shape[0]), dtype=self.z_dtype)
+        self.t_buf = None
+        if self.teacher is not None:
+            self.t_buf = hidden.new_empty((rows, weight.shape[0]), dtype=self.t_dtype)
 
     def bounds(self):
         for s in range(0, self.rows, self.chunk):
             yield s, min(self.rows, s + self.chunk)
 
     def logits(self, s, e):
-        """(student hidden chunk in z dtype, student logits, teacher logits) of rows [s, e)."""
+        """(student hidden chunk in z dtype, student logits, teacher logits) of rows [s, e).
+
+        The logits are views of the reused buffers, valid until the next call."""
         x = self.hidden[s:e].to(self.z_dtype)
-        z = self.student.linear(x)
+        z = self.student.linear(x, self.z_buf[: e - s])
         if self.teacher is None:
             t = self.teacher_logits[s:e]
         else:
-            t = self.teacher.linear(self.teacher_hidden[s:e].to(self.t_dtype))
+            t = self.teacher.linear(self.teacher_hidden[s:e].to(self.t_dtype), self.t_buf[: e - s])
         return x, z, t
 
 
@@ -205,8 +213,8 @@ def fused_linear_csd_reduced(
             rows_loss[s:e] = loss
             # Expanded scalar (stride 0): the kernel reads it in place, no [rows] copy, no host sync.
             dz = torch.ops.csd_ext.csd_backward(scale.expand(e - s), z, t, stats, weighting, alpha, temperature)
-            del z, t  # free the chunk's logits before the gradient GEMMs
             sink.add(s, e, x, dz)
+            del dz  # before the next chunk's dz is allocated
         total = reduce_rows(rows_loss, row_mask, (plan.rows,), reduction)
         return total, sink.hidden, sink.weight, sink.bias
 
@@ -233,6 +241,9 @@ def _reduced_setup_context(ctx, inputs, output):
     ctx.save_for_backward(gh, gw, gb)
     ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
     ctx.mark_non_differentiable(gh, gw, gb)
+    # Otherwise autograd hands backward a zero-filled [V, H] "gradient" for the grad outputs.
+    ctx.set_materialize_grads(False)
+    ctx.consumed = False
 
 
 def _missing(name):
@@ -242,10 +253,41 @@ def _missing(name):
     )
 
 
+def _plain_eager(t):
+    """True outside every tracer (torch.compile, make_fx, fake or functional tensors)."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
+        return False
+    return torch._C._len_torch_dispatch_stack() == 0
+
+
+def _scaled(acc, grad, dtype, in_place):
+    """acc * grad in `dtype`, without a second fp32 [V, H] buffer in eager mode."""
+    if not _plain_eager(acc):
+        # Traced graphs must not mutate saved tensors; the compiler plans its own buffers.
+        return (acc * grad).to(dtype)
+    if in_place and acc.dtype == dtype:
+        # The saved accumulator is scaled in place and handed over: once this node has
+        # released it, AccumulateGrad adopts it as .grad without a copy.
+        return acc.mul_(grad)
+    # mul(out=) into another dtype goes through a full-size temporary: do it in row blocks.
+    out = acc.new_empty(acc.shape, dtype=dtype)
+    step = max(1, (WEIGHT_BLOCK_BYTES // 4) // max(1, acc[0].numel())) if acc.dim() == 2 else max(1, acc.numel())
+    for j in range(0, acc.shape[0], step):
+        torch.mul(acc[j : j + step], grad, out=out[j : j + step])
+    return out
+
+
 def _reduced_backward(ctx, grad, _gh, _gw, _gb):
     gh, gw, gb = ctx.saved_tensors
     weight_dtype, bias_dtype = ctx.dtypes
     need = ctx.needs_input_grad
+    if ctx.consumed:
+        raise RuntimeError(
+            "fused_linear_csd with reduction 'mean' or 'sum' scales its precomputed gradients in "
+            "place, so its graph can be backpropagated once only (retain_graph=True is not "
+            "supported); use reduction='none' followed by .sum() / .mean() for that"
+        )
+    ctx.consumed = True
     out = [None] * 16
     # The precomputed grads are those of the reduced loss; grad_output is a scalar.
     if need[0]:
@@ -255,11 +297,11 @@ def _reduced_backward(ctx, grad, _gh, _gw, _gb):
     if need[1]:
         if gw.dim() != 2:
             raise _missing("weight")
-        out[1] = (gw * grad).to(weight_dtype)
+        out[1] = _scaled(gw, grad, weight_dtype, in_place=True)
     if need[2]:
         if gb.numel() == 0:  # a bias has V >= 1 entries, so empty means "not computed"
             raise _missing("bias")
-        out[2] = (gb * grad).to(bias_dtype)
+        out[2] = _scaled(gb, grad, bias_dtype, in_place=True)
     return tuple(out)
 
 
@@ -313,8 +355,8 @@ def fused_linear_csd_rows_backward(
             x, z, t = plan.logits(s, e)
             # stats carries each row's weight (0 when masked), so masked rows get zero gradient.
             dz = torch.ops.csd_ext.csd_backward(grad_rows[s:e], z, t, stats[s:e], weighting, alpha, temperature)
-            del z, t
             sink.add(s, e, x, dz)
+            del dz
         return sink.hidden, sink.weight, sink.bias
 
 
@@ -334,6 +376,7 @@ def _rows_setup_context(ctx, inputs, output):
                           teacher_bias, stats)
     ctx.params = (weighting, alpha, temperature, chunk_size)
     ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
 
 
 def _rows_backward(ctx, grad_rows, _grad_stats):
