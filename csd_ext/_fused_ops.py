@@ -25,9 +25,10 @@ so that torch.compile(fullgraph=True) traces them as single nodes:
 Chunk size (rows per chunk), when not given: the largest that keeps the
 chunk's [rows, V] working buffers within DEFAULT_CHUNK_BUDGET_BYTES, then
 evened out over the chunks.  The buffers are the student logits, their
-gradient (only when gradients are computed) and the teacher logits (only when
-computed from teacher hidden states), each V * 4 bytes per row (8 for fp64).
-A floor of MIN_AUTO_CHUNK_ROWS rows keeps the GEMMs efficient for huge V.
+gradient (only when gradients are computed; plus its bf16 copy for a bf16
+weight) and the teacher logits (only when computed from teacher hidden
+states): V * 4 bytes per row each (8 for fp64, 2 for the bf16 copy).  A floor
+of MIN_AUTO_CHUNK_ROWS rows keeps the GEMMs efficient for huge V.
 
 Reduced-precision (bf16/fp16) LM-head weights are never copied whole to fp32:
 they are converted WEIGHT_BLOCK_BYTES at a time into one reused buffer for
@@ -61,14 +62,12 @@ def _dtypes(hidden, teacher_logits, teacher_hidden):
     return z, t, acc
 
 
-def auto_chunk_rows(rows: int, vocab: int, bytes_per_entry: int, buffers: int,
-                    budget: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
-    """Rows per chunk so that `buffers` [rows, vocab] buffers fit in `budget` bytes.
+def auto_chunk_rows(rows: int, row_bytes: int, budget: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
+    """Rows per chunk so that the chunk's buffers, `row_bytes` per row, fit in `budget` bytes.
 
-    E.g. V = 50257 in fp32 with 2 buffers: 402 KB per row, 166 rows for 64 MiB.
+    E.g. V = 50257, fp32 logits and their fp32 gradient: 402 KB per row, 166 rows for 64 MiB.
     """
-    per_row = max(1, vocab * bytes_per_entry * buffers)
-    cap = max(MIN_AUTO_CHUNK_ROWS, budget // per_row)
+    cap = max(MIN_AUTO_CHUNK_ROWS, budget // max(1, row_bytes))
     if rows <= cap:
         return max(rows, 1)
     chunks = -(-rows // cap)
@@ -109,10 +108,24 @@ class _ComputeWeight:
                 torch.addmm(self.bias[j:e], x, w.t(), out=out[:, j:e])
         return out
 
+    @property
+    def bf16_grad_input(self) -> bool:
+        """Whether grad_input runs as a bf16 GEMM (see grad_input)."""
+        return self.weight.dtype == torch.bfloat16
+
     def grad_input(self, dz: Tensor) -> Tensor:
-        """dz [C, V] @ weight -> [C, H] in dtype."""
+        """dz [C, V] @ weight -> [C, H], in dtype, or in bf16 for a bf16 weight.
+
+        For a bf16 weight the gradient is rounded to bf16 and multiplied with the bf16
+        weight as it is, which is what autograd does for a bf16 nn.Linear (its logits'
+        gradient is bf16) and is several times faster than converting the weight again;
+        the result is returned in bf16 anyway.  fp16 keeps fp32: an fp16 gradient of a
+        mean over many tokens would underflow.
+        """
         if self.same:
             return torch.mm(dz, self.weight)
+        if self.bf16_grad_input:
+            return torch.mm(dz.to(torch.bfloat16), self.weight)
         out = dz.new_zeros((dz.shape[0], self.weight.shape[1]))
         for j, e, w in self._blocks():
             out.addmm_(dz[:, j:e], w)
@@ -132,9 +145,7 @@ class _Plan:
             self.teacher = _ComputeWeight(teacher_weight, teacher_bias, self.t_dtype)
         self.rows = hidden.shape[0]
         if chunk_size <= 0:
-            buffers = 1 + int(with_grad) + int(self.teacher is not None)
-            entry = 8 if torch.float64 in (self.z_dtype, self.t_dtype) else 4
-            chunk_size = auto_chunk_rows(self.rows, weight.shape[0], entry, buffers)
+            chunk_size = auto_chunk_rows(self.rows, self._row_bytes(weight.shape[0], with_grad))
         self.chunk = chunk_size
         # One logits buffer per side, reused by every chunk: allocating a fresh [chunk, V]
         # per chunk makes the heap keep several of them (RSS grows with the churn).
@@ -143,6 +154,18 @@ class _Plan:
         self.t_buf = None
         if self.teacher is not None:
             self.t_buf = hidden.new_empty((rows, weight.shape[0]), dtype=self.t_dtype)
+
+    def _row_bytes(self, vocab, with_grad):
+        """Bytes per chunk row of the [rows, V] buffers alive at once."""
+        size = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
+        per_entry = size(self.z_dtype)  # student logits
+        if self.teacher is not None:
+            per_entry += size(self.t_dtype)  # teacher logits
+        if with_grad:
+            per_entry += size(self.z_dtype)  # their gradient (from csd_backward)
+            if self.student.bf16_grad_input:
+                per_entry += 2  # its bf16 copy for the grad_hidden GEMM
+        return vocab * per_entry
 
     def bounds(self):
         for s in range(0, self.rows, self.chunk):
@@ -173,12 +196,12 @@ class _GradSink:
 
     def add(self, s, e, x, dz):
         need_h, need_w, need_b = self.need
-        if need_h:
-            self.hidden[s:e].copy_(self.plan.student.grad_input(dz))
         if need_w:
             self.weight.addmm_(dz.t(), x)
         if need_b:
             self.bias.add_(dz.sum(0))
+        if need_h:
+            self.hidden[s:e].copy_(self.plan.student.grad_input(dz))
 
 
 def _grad_scale(row_mask, rows, reduction, dtype, device):
