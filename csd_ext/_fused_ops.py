@@ -13,7 +13,9 @@ so that torch.compile(fullgraph=True) traces them as single nodes:
       chunk's gradient is computed in the forward (the logits are gone by
       backward) and folded into grad_hidden [N, H], grad_weight [V, H] (fp32
       accumulator) and grad_bias [V] (fp32).  The backward only scales these
-      by the scalar grad_output.
+      by the scalar grad_output; in eager mode it scales the fp32 accumulators
+      in place and hands them to AccumulateGrad, so no second [V, H] buffer
+      exists (hence such a graph can be backpropagated once only).
   fused_linear_csd_rows     the per-row loss [N] and the row statistics
       [N, 6]; used for reduction "none" and whenever no gradient is needed.
   fused_linear_csd_rows_backward  its backward.  With a per-row grad_output
@@ -33,6 +35,10 @@ of MIN_AUTO_CHUNK_ROWS rows keeps the GEMMs efficient for huge V.
 Reduced-precision (bf16/fp16) LM-head weights are never copied whole to fp32:
 they are converted WEIGHT_BLOCK_BYTES at a time into one reused buffer for
 the fp32 GEMMs (an fp32 copy of a 256k x 2304 head alone would take 2.4 GB).
+grad_hidden of a bf16 head is a bf16 GEMM of the bf16-rounded logit gradient,
+as autograd computes it for a bf16 nn.Linear.  torch has no bf16 x bf16 -> fp32
+GEMM on CPU (mm(out_dtype=) is CUDA-only), which is why the fp32 logits of a
+bf16 head cost fp32 GEMMs here.
 """
 
 from typing import Optional
@@ -301,16 +307,16 @@ def _scaled(acc, grad, dtype, in_place):
 
 
 def _reduced_backward(ctx, grad, _gh, _gw, _gb):
-    gh, gw, gb = ctx.saved_tensors
-    weight_dtype, bias_dtype = ctx.dtypes
-    need = ctx.needs_input_grad
-    if ctx.consumed:
+    if ctx.consumed:  # checked before unpacking, which would fail on the version counter
         raise RuntimeError(
             "fused_linear_csd with reduction 'mean' or 'sum' scales its precomputed gradients in "
             "place, so its graph can be backpropagated once only (retain_graph=True is not "
             "supported); use reduction='none' followed by .sum() / .mean() for that"
         )
     ctx.consumed = True
+    gh, gw, gb = ctx.saved_tensors
+    weight_dtype, bias_dtype = ctx.dtypes
+    need = ctx.needs_input_grad
     out = [None] * 16
     # The precomputed grads are those of the reduced loss; grad_output is a scalar.
     if need[0]:

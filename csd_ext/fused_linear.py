@@ -58,6 +58,8 @@ def fused_linear_csd(
     forward under grad mode costs forward + backward.  With "none", the backward
     recomputes each chunk's logits to apply the per-row grad_output (one extra GEMM).
     The weight and bias gradients are accumulated in fp32 (fp64 for fp64 inputs).
+    A "mean"/"sum" graph can be backpropagated once only (no retain_graph=True): its
+    backward scales the saved gradients in place to avoid a second [V, H] buffer.
     """
     vocab = check_linear("student", student_hidden, student_weight, student_bias)
     check_teacher(student_hidden, vocab, teacher_logits, teacher_hidden, teacher_weight, teacher_bias)

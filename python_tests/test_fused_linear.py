@@ -209,6 +209,20 @@ def test_teacher_gets_no_gradient(teacher):
     assert case["h"].grad is not None
 
 
+def test_second_backward_through_a_reduced_graph_is_refused_clearly():
+    case = make_case(2, (12,), 8, 33, torch.float32)
+    loss = fused_linear_csd(case["h"], case["w"], labels=case["labels"], **case["teacher"])
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"backpropagated once only .* use reduction='none'"):
+        loss.backward()
+    # The suggested alternative supports it.
+    per_row = fused_linear_csd(case["h"], case["w"], labels=case["labels"], **case["teacher"], reduction="none")
+    total = per_row.sum()
+    first = torch.autograd.grad(total, case["w"], retain_graph=True)[0]
+    second = torch.autograd.grad(total, case["w"])[0]
+    assert torch.equal(first, second)
+
+
 def test_module_matches_function_and_checks_arguments():
     case = make_case(6, (3, 5), 8, 33, torch.float32)
     mod = FusedLinearCSDLoss(weighting="MM", alpha=0.15, temperature=1.5, reduction="sum", chunk_size=4)
