@@ -7,5 +7,6 @@
 from ._version import __version__
 from ._ops import compiled_backends
 from .loss import CSDLoss, csd_loss
+from .fused_linear import FusedLinearCSDLoss, fused_linear_csd
 
-__all__ = ["__version__", "compiled_backends", "CSDLoss", "csd_loss"]
+__all__ = ["__version__", "compiled_backends", "CSDLoss", "csd_loss", "FusedLinearCSDLoss", "fused_linear_csd"]
