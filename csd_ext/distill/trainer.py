@@ -23,18 +23,14 @@ from .logging_utils import MetricsLog, info
 from .models import resolve_mixed_precision
 
 
-def token_cross_entropy(logits, labels, denominator=None):
+def token_cross_entropy(logits, labels):
     """Mean CE over positions whose label is not -100, computed in fp32 on those rows only.
 
-    Returns 0 (not NaN) for a batch with no counted position.  ``denominator``:
-    divide the sum by this instead of the batch's own count (the global
-    token count under DDP, see distributed.token_denominator).
+    Returns 0 (not NaN) for a batch with no counted position.
     """
     mask = labels != IGNORE_INDEX
     rows = logits[mask].float()
     total = F.cross_entropy(rows, labels[mask], reduction="sum")
-    if denominator is not None:
-        return total / denominator
     return total / mask.sum().clamp(min=1)
 
 
@@ -56,12 +52,15 @@ def distill_loss(student, teacher, batch, kd_fn, kd_ratio, vocab=None, denominat
     if vocab is not None:
         logits = logits[..., :vocab]
     parts = {"tokens": (labels != IGNORE_INDEX).sum()}
+    # Token means rescaled to (sum / denominator); exactly 1 when the denominator is this
+    # micro-batch's own count.
+    scale = 1.0 if denominator is None else parts["tokens"].clamp(min=1).to(torch.float32) / denominator
     if kd_ratio < 1:
-        ce = token_cross_entropy(logits, labels, denominator)
+        ce = token_cross_entropy(logits, labels) * scale
         loss = (1 - kd_ratio) * ce
     else:
         with torch.no_grad():  # CE is only logged: keep it out of the graph
-            ce = token_cross_entropy(logits.detach(), labels, denominator)
+            ce = token_cross_entropy(logits.detach(), labels) * scale
         loss = None
     parts["ce"] = ce.detach()
     if kd_ratio > 0:
@@ -69,10 +68,7 @@ def distill_loss(student, teacher, batch, kd_fn, kd_ratio, vocab=None, denominat
             teacher_logits = teacher(**model_inputs(batch), use_cache=False).logits
         if vocab is not None:
             teacher_logits = teacher_logits[..., :vocab]
-        if denominator is None:
-            kd = kd_fn(logits, teacher_logits, labels)
-        else:
-            kd = kd_fn(logits, teacher_logits, labels, reduction="sum") / denominator
+        kd = kd_fn(logits, teacher_logits, labels) * scale
         parts["kd"] = kd.detach()
         loss = kd_ratio * kd if loss is None else loss + kd_ratio * kd
     return loss, parts
@@ -284,7 +280,8 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
                     lm_logits = student(**model_inputs(lm_batch), use_cache=False).logits
                     if vocab is not None:
                         lm_logits = lm_logits[..., :vocab]
-                    lm = token_cross_entropy(lm_logits, lm_batch["labels"], lm_denominator)
+                    lm_tokens = (lm_batch["labels"] != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
+                    lm = token_cross_entropy(lm_logits, lm_batch["labels"]) * (lm_tokens / lm_denominator)
                     accelerator.backward(cfg.lm_coef * lm / cfg.grad_accum)
                 window["lm"] += lm.item()
                 window["loss"] += cfg.lm_coef * lm.item()
