@@ -1,11 +1,12 @@
 """Tiny teacher/student pairs and data on disk for the scale tests (on-policy, DDP, resume).
 
-Everything is made here from configs: a few hundred synthetic Dolly records,
+Everything is made here from configs: a few dozen synthetic Dolly records,
 a byte-level BPE trained on them, and randomly initialised one-layer GPT-2s.
 """
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -16,17 +17,36 @@ def write_jsonl(path, records):
             f.write(json.dumps(r) + "\n")
 
 
+def make_records(n, seed):
+    """n Dolly records of three small tasks whose responses have 1 to ~15 tokens (so batches
+    split over ranks carry different token counts)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        kind = rng.choice(("reverse", "add", "repeat"))
+        if kind == "reverse":
+            letters = [rng.choice("abcdefgh") for _ in range(rng.randint(1, 6))]
+            rec = ("Reverse the letters.", " ".join(letters), " ".join(reversed(letters)))
+        elif kind == "add":
+            a, b = rng.randint(0, 20), rng.randint(0, 20)
+            rec = ("Add the two numbers.", f"{a} + {b}", str(a + b))
+        else:
+            word = rng.choice(("cat", "blue", "oslo", "seven"))
+            rec = ("Repeat the word.", word, " ".join([word] * rng.randint(1, 4)))
+        records.append(dict(zip(("instruction", "context", "response"), rec)))
+    return records
+
+
 def make_tiny_setup(root, *, n_train=64, n_eval=8, dropout=0.1, seed=0):
     """Data, tokenizer, teacher and student directories under ``root``; returns their paths."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from csd_ext.distill.data import build_prompt
-    from csd_ext.distill.tiny.tasks import make_dataset
     from csd_ext.distill.tiny.tokenizer import train_bpe
 
     os.makedirs(root, exist_ok=True)
-    train, evals = make_dataset(n_train, n_eval, seed=seed)
+    train, evals = make_records(n_train, seed), make_records(n_eval, seed + 1000)
     paths = {"train": os.path.join(root, "train.jsonl"), "eval": os.path.join(root, "eval.jsonl")}
     write_jsonl(paths["train"], train)
     write_jsonl(paths["eval"], evals)
