@@ -132,7 +132,7 @@ def load_final(out_dir):
 
 
 def run_inprocess(args):
-    """(exit status, stdout) of ``csd-distill ARGS`` in this process, on one CPU thread
+    """(exit status, stdout + stderr) of ``csd-distill ARGS`` in this process, on one CPU thread
     like the launched runs (bit-exact comparisons with them need the same thread count)."""
     import contextlib
     import io
@@ -145,7 +145,7 @@ def run_inprocess(args):
     buf = io.StringIO()
     torch.set_num_threads(1)
     try:
-        with contextlib.redirect_stdout(buf):
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             status = main(list(args))
     finally:
         torch.set_num_threads(threads)

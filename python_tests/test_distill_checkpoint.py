@@ -171,6 +171,10 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
         for key, tensor in reference.items():
             assert torch.equal(got[key], tensor), f"{name}: {key} differs from the uninterrupted run"
         assert _records(run) == reference_records, f"{name}: logged metrics differ"
+    # Resuming with settings that change the data order is refused with a clear error.
+    status, out = run_inprocess(cli_args(paths, x, resume=True, batch_size=2, **common))
+    assert status == 2
+    assert "other settings that fix the data order: batch_size 4 (now 2)" in out
     # The runs moved away from the initial weights (the comparison is not vacuous).
     from safetensors.torch import load_file
 

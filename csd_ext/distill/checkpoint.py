@@ -200,6 +200,7 @@ class CheckpointManager:
     def __init__(self, out_dir, accelerator, fingerprint, keep=0, log=print):
         self.out_dir, self.accelerator, self.fingerprint = out_dir, accelerator, dict(fingerprint)
         self.keep, self.log = keep, log
+        self.resumed_from = None
 
     @property
     def rank(self):
@@ -286,6 +287,7 @@ class CheckpointManager:
         acc.load_state(path)
         with open(self._state_file(path)) as f:
             state = json.load(f)
+        self.resumed_from = path
         self.log(f"resumed from {path} (step {manifest['step']})")
         return state
 

@@ -168,7 +168,7 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
     """
     from accelerate.utils import set_seed
 
-    from .checkpoint import CheckpointManager, inject_fault, truncate_metrics
+    from .checkpoint import CheckpointError, CheckpointManager, inject_fault, truncate_metrics
     from .distributed import (
         EvalShards,
         ShardedBatchStream,
@@ -222,11 +222,14 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
         state = ckpt.resume()
         if state is not None:
             step, window = state["step"], state["window"]
-            stream.load_state_dict(state["stream"])
-            if lm_stream is not None and state.get("lm_stream") is not None:
-                lm_stream.load_state_dict(state["lm_stream"])
-            if onpolicy is not None and state.get("onpolicy") is not None:
-                onpolicy.load_state_dict(state["onpolicy"])
+            try:
+                stream.load_state_dict(state["stream"])
+                if lm_stream is not None and state.get("lm_stream") is not None:
+                    lm_stream.load_state_dict(state["lm_stream"])
+                if onpolicy is not None and state.get("onpolicy") is not None:
+                    onpolicy.load_state_dict(state["onpolicy"])
+            except ValueError as exc:
+                raise CheckpointError(f"cannot resume from {ckpt.resumed_from}: {exc}") from None
             if main:
                 truncate_metrics(log.path, run_name, step)
     elif cfg.save_every:
