@@ -5,8 +5,9 @@ computes its own loss from both sets of logits.  Trainer would need a
 compute_loss override plus care to keep the teacher out of its optimiser,
 checkpoints and device placement; accelerate gives the same DDP/FSDP/DeepSpeed,
 mixed precision and gradient accumulation through a short explicit loop where
-the teacher's handling is visible (and where on-policy sampling and exact
-resume can be added).  docs/training.md shows csd_loss inside a Trainer too.
+the teacher's handling, on-policy sampling (onpolicy.py), the global token mean
+over processes (distributed.py) and exact resume (checkpoint.py) are visible.
+docs/training.md shows csd_loss inside a Trainer too.
 """
 
 import math
