@@ -118,6 +118,7 @@ def _records(out_dir):
     return [{k: v for k, v in r.items() if k not in ("time_s", "tokens_per_s")} for r in rows]
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_exact(tmp_path):
     """Dropout on, on-policy sampling (p = 0.5) into a replay buffer, an LM loss, gradient
     accumulation and an epoch boundary (8 steps per epoch): every kind of state a resume must

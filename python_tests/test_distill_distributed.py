@@ -4,6 +4,7 @@ run (torchrun, CPU) that ends with the parameters of a 1-process run on the same
 import json
 import os
 
+import pytest
 import torch
 
 from csd_ext.distill.checkpoint import verify_checkpoint
@@ -74,6 +75,7 @@ def test_eval_shards_pad_with_tokenless_copies():
     assert float(token_denominator(batches[0]["labels"], One())) == 2 + 1 + 0  # its own count on one process
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_matches_one_process(tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU), batch 2 per rank, accumulation 2, an LM loss, the
     teacher sharded with FSDP2, killed after step 3 and resumed (checkpoints written by rank 0
