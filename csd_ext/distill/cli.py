@@ -11,6 +11,7 @@ import typing
 
 import yaml
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, DistillConfig, build_config, preset_names
 from .data import DataError
 from .models import ModelError
@@ -27,6 +28,15 @@ HELP = {
     "max_steps": "optimiser steps (> 0 overrides --epochs)",
     "eval_seeds": "sampling seeds for evaluation, comma-separated",
     "mixed_precision": "auto | no | fp16 | bf16",
+    "student_gen_ratio": "on-policy: per micro-batch, probability that the student samples responses into the "
+                         "replay buffer and trains on a batch drawn from it (0: off)",
+    "replay_buffer_size": "on-policy replay buffer capacity (FIFO)",
+    "lm_data": "plain-text LM data (.jsonl with 'text', or blank-line separated text) for an extra CE term",
+    "lm_coef": "weight of the LM data's CE (with --lm-data)",
+    "token_mean": "global: KD/CE token mean over all ranks' tokens | per_rank: each rank's own mean",
+    "teacher_sharding": "replicate the teacher on every process, or shard it across them (FSDP2)",
+    "resume": "continue from the newest valid checkpoint in --output-dir",
+    "save_every": "write a resumable checkpoint every N optimiser steps (0: none)",
 }
 
 EXAMPLES = """examples:
@@ -36,6 +46,8 @@ EXAMPLES = """examples:
   csd-distill --preset gemma-7b-it-to-2b-it --train-data gsm8k_train.jsonl --eval-data gsm8k_test.jsonl
   csd-distill --teacher T --student S --train-data d.jsonl --loss csd --loss-arg weighting=TS
   accelerate launch -m csd_ext.distill --preset ...   # or torchrun --nproc_per_node K -m csd_ext.distill
+  csd-distill ... --student-gen-ratio 1 --lm-data owt.jsonl   # on-policy (ImitKD) with an LM loss
+  csd-distill ... --save-every 500 --resume                   # continue a killed run
 """
 
 
@@ -135,7 +147,7 @@ def main(argv=None):
         else:
             from .run import run_distill
             run_distill(cfg)
-    except (ConfigError, DataError, ModelError) as exc:
+    except (ConfigError, DataError, ModelError, CheckpointError) as exc:
         print(f"csd-distill: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -100,6 +100,22 @@ class DistillConfig:
     no_repeat_ngram_size: int = 6
     answer_format: str = "text"              # text | gsm8k (compare the number after '####')
 
+    # --- on-policy distillation (ImitKD with a replay buffer; docs/training.md)
+    student_gen_ratio: float = 0.0           # per micro-batch: probability that the student samples responses
+    replay_buffer_size: int = 1000           # FIFO capacity (the paper: 1000)
+    gen_temperature: float = 1.0             # student sampling for on-policy data (the paper: 1, 1, 0, 256)
+    gen_top_p: float = 1.0
+    gen_top_k: int = 0                       # 0: no top-k
+    gen_max_new_tokens: int = 256
+    lm_data: typing.Optional[str] = None     # plain-text LM data (.jsonl with 'text', or blank-line separated)
+    lm_coef: float = 1.0                     # weight of its next-token CE (with lm_data only)
+
+    # --- multi-process runs and checkpoints
+    token_mean: str = "global"               # global: token count all-reduced over ranks | per_rank (the paper's)
+    teacher_sharding: str = "replicate"      # replicate | shard (FSDP2 across the processes)
+    resume: bool = False                     # continue from the newest valid checkpoint in output_dir
+    save_total_limit: int = 0                # keep the newest N checkpoints (0: all)
+
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
 
@@ -118,6 +134,10 @@ POSITIVE = {"max_length", "max_prompt_length", "batch_size", "grad_accum", "eval
 NON_NEGATIVE = {"lora_r", "lora_dropout", "eval_holdout", "min_lr", "warmup_ratio", "weight_decay", "max_grad_norm",
                 "epochs", "max_steps", "eval_every", "save_every", "eval_max_examples", "no_repeat_ngram_size",
                 "adam_eps"}
+# On-policy, multi-process and checkpoint settings (issue 7).
+CHOICES.update({"token_mean": ("global", "per_rank"), "teacher_sharding": ("replicate", "shard")})
+POSITIVE |= {"replay_buffer_size", "gen_temperature", "gen_max_new_tokens"}
+NON_NEGATIVE |= {"gen_top_k", "lm_coef", "save_total_limit"}
 
 
 class ConfigError(ValueError):
@@ -233,6 +253,10 @@ def check_consistency(cfg):
                 "missing " + ", ".join(missing) + ": pass " + " ".join(f"--{k.replace('_', '-')} ..." for k in missing)
                 + (f" (preset {cfg.preset} leaves them to you)" if cfg.preset else "")
             )
+    if not 0.0 <= cfg.student_gen_ratio <= 1.0:
+        raise ConfigError(f"student_gen_ratio must be in [0, 1], got {cfg.student_gen_ratio}")
+    if not 0.0 < cfg.gen_top_p <= 1.0:
+        raise ConfigError(f"gen_top_p must be in (0, 1], got {cfg.gen_top_p}")
     from ..losses import get_loss  # noqa: PLC0415  (checks the loss name and its arguments now)
     try:
         get_loss(cfg.loss, **cfg.loss_args)

@@ -23,7 +23,7 @@ def _autocast(device, mixed_precision):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids, *, do_sample, seed=None, max_new_tokens=256, batch_size=16,
-             no_repeat_ngram_size=0, mixed_precision="no"):
+             no_repeat_ngram_size=0, mixed_precision="no", synced_gpus=False):
     """Decode a response for every prompt (token id lists); returns strings cut at eos.
 
     Prompts are batched by length with left padding (so each row continues at
@@ -53,7 +53,7 @@ def generate(model, tokenizer, prompt_ids, *, do_sample, seed=None, max_new_toke
         input_ids, attention_mask = left_padded_prompts([prompt_ids[i] for i in idx], tokenizer.pad_token_id)
         with _autocast(device, mixed_precision):
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 generation_config=gen_config)
+                                 generation_config=gen_config, synced_gpus=synced_gpus)
         for row, i in enumerate(idx):
             new = out[row, input_ids.shape[1]:].tolist()
             if tokenizer.eos_token_id in new:
@@ -116,7 +116,15 @@ def distinct_n(texts, n=2):
 
 def evaluate_model(model, tokenizer, items, cfg, *, name, out_dir=None, teacher_greedy=None,
                    mixed_precision="no", log=print):
-    """Score one model on encoded eval items; writes its generations to JSONL when out_dir is given."""
+    """Score one model on encoded eval items; writes its generations to JSONL when out_dir is given.
+
+    Under several processes the prompts are split across ranks and the outputs
+    gathered (distributed.generate_sharded); every rank computes the same
+    scores, rank 0 alone writes and logs.
+    """
+    from .distributed import generate_sharded
+    from .logging_utils import is_main_rank
+
     prompts = [it["prompt_ids"] for it in items]
     refs = [it["reference"] for it in items]
     common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
@@ -125,7 +133,7 @@ def evaluate_model(model, tokenizer, items, cfg, *, name, out_dir=None, teacher_
     generations = {}
     per_seed = []
     for seed in cfg.eval_seeds:
-        outs = generate(model, tokenizer, prompts, do_sample=True, seed=seed, **common)
+        outs = generate_sharded(model, tokenizer, prompts, do_sample=True, seed=seed, **common)
         generations[f"sample_seed{seed}"] = outs
         per_seed.append((rouge_l(outs, refs), exact_match(outs, refs, cfg.answer_format), distinct_n(outs, 2)))
     if per_seed:
@@ -133,14 +141,14 @@ def evaluate_model(model, tokenizer, items, cfg, *, name, out_dir=None, teacher_
         result.update(rougeL=statistics.mean(rl), rougeL_sd=statistics.pstdev(rl), exact_match=statistics.mean(em),
                       distinct_2=statistics.mean(d2), seeds=list(cfg.eval_seeds), rougeL_per_seed=list(rl))
     if cfg.eval_greedy:
-        outs = generate(model, tokenizer, prompts, do_sample=False, **common)
+        outs = generate_sharded(model, tokenizer, prompts, do_sample=False, **common)
         generations["greedy"] = outs
         result.update(greedy_rougeL=rouge_l(outs, refs), greedy_exact_match=exact_match(outs, refs, cfg.answer_format))
         if teacher_greedy is not None:
             same = [normalise_text(a) == normalise_text(b) for a, b in zip(outs, teacher_greedy)]
             result["teacher_agreement"] = 100.0 * sum(same) / max(len(same), 1)
             result["rougeL_vs_teacher"] = rouge_l(outs, teacher_greedy)
-    if out_dir is not None:
+    if out_dir is not None and is_main_rank():
         os.makedirs(out_dir, exist_ok=True)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
         with open(os.path.join(out_dir, f"generations-{slug}.jsonl"), "w") as f:
@@ -148,6 +156,6 @@ def evaluate_model(model, tokenizer, items, cfg, *, name, out_dir=None, teacher_
                 row = {"prompt": it["prompt"], "reference": it["reference"]}
                 row.update({k: v[i] for k, v in generations.items()})
                 f.write(json.dumps(row) + "\n")
-    log(f"eval {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()
-                                      if isinstance(v, float)))
+    if is_main_rank():
+        log(f"eval {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)))
     return result, generations.get("greedy")

@@ -8,9 +8,19 @@ import time
 from tqdm.auto import tqdm
 
 
+def is_main_rank():
+    """False on every process but rank 0 of a torchrun/accelerate launch (RANK is set
+    before the process group exists, so this holds while models load too)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
 def info(msg, *, main_process=True):
-    """One log line that does not break an active tqdm bar."""
-    if main_process:
+    """One log line that does not break an active tqdm bar; rank 0 only."""
+    if main_process and is_main_rank():
         tqdm.write(f"[csd-distill] {msg}", file=sys.stdout)
         sys.stdout.flush()
 

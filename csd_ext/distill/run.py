@@ -8,13 +8,15 @@ import yaml
 from .config import to_dict
 from .data import encode_dataset, load_dolly_jsonl, split_holdout
 from .evaluate import evaluate_model
-from .logging_utils import info
+from .logging_utils import info, is_main_rank
 from .models import count_parameters, load_pair, resolve_mixed_precision, shared_vocab
 from .report import plot_training_curves, write_results
 from .trainer import train
 
 
 def save_config(cfg, out_dir):
+    if not is_main_rank():
+        return
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
@@ -41,9 +43,14 @@ def train_from_config(cfg, run_name):
     teacher, student, tokenizer = load_pair(cfg, mixed_precision, log=info)
     vocab = shared_vocab(teacher, student, tokenizer, log=info)
     train_items, eval_items = load_data(cfg, tokenizer)
+    lm_items = None
+    if cfg.lm_data:
+        from .lm_data import load_lm_data
+
+        lm_items = load_lm_data(cfg.lm_data, tokenizer, cfg.max_length, log=info)
     save_config(cfg, cfg.output_dir)
     result = train(cfg, student, teacher, tokenizer, train_items, eval_items, cfg.output_dir,
-                   vocab=vocab, run_name=run_name)
+                   vocab=vocab, run_name=run_name, lm_items=lm_items)
     return {"result": result, "teacher": teacher, "student": result["model"], "tokenizer": tokenizer,
             "eval_items": eval_items, "mixed_precision": mixed_precision}
 
@@ -73,15 +80,16 @@ def run_distill(cfg):
     out = cfg.output_dir
     got = train_from_config(cfg, run_name="student")
     result = got["result"]
-    if not PartialState().is_main_process:
-        return None
     models = []
     if got["teacher"] is not None and cfg.eval_teacher:
         models.append(("teacher", got["teacher"], {}))
     models.append((f"student ({cfg.loss})", got["student"],
                    {k: result[k] for k in ("val_ce", "train_seconds") if k in result}))
+    # Every rank generates its share of the prompts (evaluate.evaluate_model); rank 0 reports.
     rows, _ = evaluate_all(cfg, models, got["tokenizer"], got["eval_items"], out, got["mixed_precision"],
                            teacher_name="teacher")
+    if not PartialState().is_main_process:
+        return None
     table = write_results(out, rows, notes=[f"config: {os.path.join(out, 'config.yaml')}"])
     png = plot_training_curves({"student": os.path.join(out, "metrics.jsonl")},
                                os.path.join(out, "training_curves.png"),

@@ -5,8 +5,9 @@ computes its own loss from both sets of logits.  Trainer would need a
 compute_loss override plus care to keep the teacher out of its optimiser,
 checkpoints and device placement; accelerate gives the same DDP/FSDP/DeepSpeed,
 mixed precision and gradient accumulation through a short explicit loop where
-the teacher's handling is visible (and where on-policy sampling and exact
-resume can be added).  docs/training.md shows csd_loss inside a Trainer too.
+the teacher's handling, on-policy sampling (onpolicy.py), the global token mean
+over processes (distributed.py) and exact resume (checkpoint.py) are visible.
+docs/training.md shows csd_loss inside a Trainer too.
 """
 
 import math
@@ -15,7 +16,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..losses import get_loss
@@ -50,23 +50,28 @@ def model_inputs(batch):
     return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
 
 
-def distill_loss(student, teacher, batch, kd_fn, kd_ratio, vocab=None):
+def distill_loss(student, teacher, batch, kd_fn, kd_ratio, vocab=None, denominator=None):
     """(loss, detached parts) for one micro-batch.
 
     ``vocab``: keep only the first ``vocab`` logits of both models (shared
-    tokenizer vocabulary when their heads differ in size).
+    tokenizer vocabulary when their heads differ in size).  ``denominator``:
+    token sums are divided by it instead of the micro-batch's own token count
+    (multi-process runs: the global count / world size).
     """
     labels = batch["labels"]
     logits = student(**model_inputs(batch), use_cache=False).logits
     if vocab is not None:
         logits = logits[..., :vocab]
     parts = {"tokens": (labels != IGNORE_INDEX).sum()}
+    # Token means rescaled to (sum / denominator); exactly 1 when the denominator is this
+    # micro-batch's own count.
+    scale = 1.0 if denominator is None else parts["tokens"].clamp(min=1).to(torch.float32) / denominator
     if kd_ratio < 1:
-        ce = token_cross_entropy(logits, labels)
+        ce = token_cross_entropy(logits, labels) * scale
         loss = (1 - kd_ratio) * ce
     else:
         with torch.no_grad():  # CE is only logged: keep it out of the graph
-            ce = token_cross_entropy(logits.detach(), labels)
+            ce = token_cross_entropy(logits.detach(), labels) * scale
         loss = None
     parts["ce"] = ce.detach()
     if kd_ratio > 0:
@@ -74,7 +79,7 @@ def distill_loss(student, teacher, batch, kd_fn, kd_ratio, vocab=None):
             teacher_logits = teacher(**model_inputs(batch), use_cache=False).logits
         if vocab is not None:
             teacher_logits = teacher_logits[..., :vocab]
-        kd = kd_fn(logits, teacher_logits, labels)
+        kd = kd_fn(logits, teacher_logits, labels) * scale
         parts["kd"] = kd.detach()
         loss = kd_ratio * kd if loss is None else loss + kd_ratio * kd
     return loss, parts
@@ -139,9 +144,11 @@ def save_model(accelerator, model, tokenizer, path, extra=None):
     import json
 
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # full weights; every rank takes part under FSDP / ZeRO-3
     if accelerator.is_main_process:
         os.makedirs(path, exist_ok=True)
-        accelerator.unwrap_model(model).save_pretrained(path)  # safetensors is the default format
+        # safetensors is the default format
+        accelerator.unwrap_model(model).save_pretrained(path, state_dict=state_dict)
         tokenizer.save_pretrained(path)
         if extra is not None:
             with open(os.path.join(path, "training_state.json"), "w") as f:
@@ -149,97 +156,190 @@ def save_model(accelerator, model, tokenizer, path, extra=None):
     accelerator.wait_for_everyone()
 
 
-def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, vocab=None, run_name="train"):
+def _new_window():
+    return {"loss": 0.0, "ce": 0.0, "kd": 0.0, "lm": 0.0, "tokens": 0, "micro": 0, "generated": 0}
+
+
+def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, vocab=None, run_name="train",
+          lm_items=None):
     """Train ``student`` on ``train_items`` and save it to ``out_dir/final``.
 
     Returns a summary dict (steps, seconds, final validation metrics, paths).
     The teacher (None when kd_ratio == 0) stays frozen and is never prepared
-    for training: it only moves to the device.
+    for training: it is placed on the device whole, or sharded across the
+    processes (``teacher_sharding``).  ``lm_items``: packed plain-text
+    examples for the optional LM loss (``lm_coef``).
+
+    One optimiser step takes ``grad_accum`` micro-batches on every process;
+    token means are over the global micro-batch (``token_mean``), gradients
+    are all-reduced on the last one only.  With ``student_gen_ratio`` > 0 the
+    micro-batches come from the on-policy replay buffer (onpolicy.py).  With
+    ``save_every`` the run writes resumable checkpoints; ``resume`` continues
+    from the newest valid one, bit-exact on CPU (checkpoint.py).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from .checkpoint import CheckpointError, CheckpointManager, inject_fault, truncate_metrics
+    from .distributed import (
+        EvalShards,
+        ShardedBatchStream,
+        check_generation_support,
+        is_sharded,
+        make_accelerator,
+        place_teacher,
+        reduce_mean,
+        sync_context,
+        to_device,
+        token_denominator,
+    )
+    from .onpolicy import OnPolicy
+
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
-    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    accelerator = make_accelerator(mixed_precision)
     main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.seed)
     if cfg.kd_ratio > 0 and teacher is None:
         raise ValueError("kd_ratio > 0 needs a teacher")
     kd_fn = get_loss(cfg.loss, **cfg.loss_args) if cfg.kd_ratio > 0 else None
 
     collate = Collator(tokenizer.pad_token_id)
-    train_loader = DataLoader(train_items, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                              generator=torch.Generator().manual_seed(cfg.seed), drop_last=False)
-    val_loader = DataLoader(val_items, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate)
+    stream = ShardedBatchStream(train_items, cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
+    lm_stream = (ShardedBatchStream(lm_items, cfg.batch_size, seed=cfg.seed + 1, rank=rank, world=world)
+                 if lm_items else None)
+    val_batches = EvalShards(val_items, cfg.eval_batch_size, collate, accelerator)
     optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    student, optimizer, train_loader, val_loader = accelerator.prepare(student, optimizer, train_loader, val_loader)
-    total = total_optimizer_steps(cfg, len(train_loader))
+    student, optimizer = accelerator.prepare(student, optimizer)
+    total = total_optimizer_steps(cfg, stream.batches_per_epoch)
     # The scheduler is stepped by hand once per optimiser step: accelerate's
-    # wrapper would step it num_processes times per step under DDP.
+    # wrapper would step it num_processes times per step under DDP.  Registered
+    # so that checkpoints hold its state.
     scheduler = build_scheduler(cfg, optimizer, total)
-    if teacher is not None:
-        teacher = teacher.to(accelerator.device)
+    accelerator.register_for_checkpointing(scheduler)
+    teacher = place_teacher(accelerator, teacher, cfg.teacher_sharding, log=info)
+    onpolicy = None
+    if cfg.student_gen_ratio > 0:
+        check_generation_support(accelerator)
+        onpolicy = OnPolicy(cfg, tokenizer, rank=rank, synced_gpus=is_sharded(student),
+                            mixed_precision=mixed_precision)
 
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), run_name, enabled=main)
+    ckpt = CheckpointManager(out_dir, accelerator, keep=cfg.save_total_limit, log=info, fingerprint={
+        "seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+        "train_examples": len(train_items), "lm_examples": len(lm_items or ())})
+    step, window = 0, _new_window()
+    if cfg.resume:
+        state = ckpt.resume()
+        if state is not None:
+            step, window = state["step"], state["window"]
+            try:
+                stream.load_state_dict(state["stream"])
+                if lm_stream is not None and state.get("lm_stream") is not None:
+                    lm_stream.load_state_dict(state["lm_stream"])
+                if onpolicy is not None and state.get("onpolicy") is not None:
+                    onpolicy.load_state_dict(state["onpolicy"])
+            except ValueError as exc:
+                raise CheckpointError(f"cannot resume from {ckpt.resumed_from}: {exc}") from None
+            if main:
+                truncate_metrics(log.path, run_name, step)
+    elif cfg.save_every:
+        ckpt.check_fresh_start()
+
+    def trainer_state():
+        return {"step": step, "window": window, "stream": stream.state_dict(),
+                "lm_stream": lm_stream.state_dict() if lm_stream is not None else None,
+                "onpolicy": onpolicy.state_dict() if onpolicy is not None else None}
+
     objective = "CE (SFT, no teacher)" if cfg.kd_ratio == 0 else (
         ("" if cfg.kd_ratio == 1 else f"{1 - cfg.kd_ratio:g} CE + {cfg.kd_ratio:g} ")
         + f"{cfg.loss}{cfg.loss_args or ''}")
+    if lm_stream is not None:
+        objective += f" + {cfg.lm_coef:g} LM CE ({len(lm_items)} text blocks)"
     info(f"{run_name}: {len(train_items)} training examples, {total} optimiser steps "
-         f"(batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {accelerator.num_processes} processes), "
-         f"loss = {objective}, device {accelerator.device}, mixed precision {mixed_precision}", main_process=main)
+         f"(batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {world} processes), "
+         f"loss = {objective}, device {accelerator.device}, mixed precision {mixed_precision}"
+         + (f", token mean {cfg.token_mean}" if world > 1 else "")
+         + (f"; on-policy: student samples with probability {cfg.student_gen_ratio:g} per micro-batch "
+            f"(T={cfg.gen_temperature:g}, top-p {cfg.gen_top_p:g}, top-k {cfg.gen_top_k}, <= "
+            f"{cfg.gen_max_new_tokens} new tokens) into a replay buffer of {cfg.replay_buffer_size}"
+            if onpolicy is not None else ""), main_process=main)
 
     student.train()
-    step, epoch, start = 0, 0, time.time()
-    window = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "tokens": 0, "micro": 0}
+    start = time.time()
     window_start = time.time()
-    bar = tqdm(total=total, desc=run_name, disable=not main, dynamic_ncols=True, leave=True)
+    bar = tqdm(total=total, initial=step, desc=run_name, disable=not main, dynamic_ncols=True, leave=True)
     while step < total:
-        for index, batch in enumerate(train_loader):
-            with accelerator.accumulate(student):
-                loss, parts = distill_loss(student, teacher, batch, kd_fn, cfg.kd_ratio, vocab)
-                accelerator.backward(loss)
-                window["loss"] += loss.item()
-                window["ce"] += parts["ce"].item()
-                window["kd"] += parts.get("kd", torch.zeros(())).item()
-                window["tokens"] += int(parts["tokens"])
-                window["micro"] += 1
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf"))
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                m = window["micro"]
-                record = {"step": step, "epoch": round(epoch + (index + 1) / len(train_loader), 4),
-                          "lr": scheduler.get_last_lr()[0], "loss": window["loss"] / m, "ce": window["ce"] / m,
-                          "grad_norm": float(grad_norm),
-                          "tokens_per_s": window["tokens"] / max(time.time() - window_start, 1e-9)}
-                if cfg.kd_ratio > 0:
-                    record["kd"] = window["kd"] / m
-                log.write(**record)
-                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "ce", "kd") if k in record})
-                window = {k: 0 for k in window}
-                window_start = time.time()
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                log.write(step=step, **validate(accelerator, student, teacher, val_loader, kd_fn, cfg.kd_ratio, vocab))
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                save_model(accelerator, student, tokenizer, os.path.join(out_dir, f"checkpoint-{step}"),
-                           extra={"step": step, "epoch": epoch})
-            if step >= total:
-                break
-        epoch += 1
+        for micro in range(cfg.grad_accum):
+            last = micro == cfg.grad_accum - 1
+            items = stream.next()
+            if onpolicy is not None:
+                items, generated = onpolicy.training_items(items, accelerator.unwrap_model(student))
+                window["generated"] += int(generated)
+            batch = to_device(collate(items), accelerator.device)
+            denominator = token_denominator(batch["labels"], accelerator, cfg.token_mean)
+            with sync_context(accelerator, student, last and lm_stream is None):
+                loss, parts = distill_loss(student, teacher, batch, kd_fn, cfg.kd_ratio, vocab, denominator)
+                accelerator.backward(loss / cfg.grad_accum)
+            window["loss"] += loss.item()
+            window["ce"] += parts["ce"].item()
+            window["kd"] += parts.get("kd", torch.zeros(())).item()
+            window["tokens"] += int(parts["tokens"])
+            window["micro"] += 1
+            if lm_stream is not None:
+                # A separate forward/backward: DDP allows one forward per backward.
+                lm_batch = to_device(collate(lm_stream.next()), accelerator.device)
+                lm_denominator = token_denominator(lm_batch["labels"], accelerator, cfg.token_mean)
+                with sync_context(accelerator, student, last):
+                    lm_logits = student(**model_inputs(lm_batch), use_cache=False).logits
+                    if vocab is not None:
+                        lm_logits = lm_logits[..., :vocab]
+                    lm_tokens = (lm_batch["labels"] != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
+                    lm = token_cross_entropy(lm_logits, lm_batch["labels"]) * (lm_tokens / lm_denominator)
+                    accelerator.backward(cfg.lm_coef * lm / cfg.grad_accum)
+                window["lm"] += lm.item()
+                window["loss"] += cfg.lm_coef * lm.item()
+        grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            m = max(window["micro"], 1)
+            # Per-rank values are (rank's token sum) / (global count / K): their mean over
+            # ranks is the global token mean.  A collective: every rank gets here together.
+            loss_m, ce_m, kd_m, lm_m, tokens = reduce_mean(
+                [window["loss"] / m, window["ce"] / m, window["kd"] / m, window["lm"] / m, window["tokens"]],
+                accelerator)
+            record = {"step": step, "epoch": round(stream.epoch_progress, 4), "lr": scheduler.get_last_lr()[0],
+                      "loss": loss_m, "ce": ce_m, "grad_norm": float(grad_norm),
+                      "tokens_per_s": tokens * world / max(time.time() - window_start, 1e-9)}
+            if cfg.kd_ratio > 0:
+                record["kd"] = kd_m
+            if lm_stream is not None:
+                record["lm"] = lm_m
+            if onpolicy is not None:
+                record.update(generated_frac=window["generated"] / m, buffer=len(onpolicy.buffer))
+            log.write(**record)
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "ce", "kd") if k in record})
+            window = _new_window()
+            window_start = time.time()
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            log.write(step=step, **validate(accelerator, student, teacher, val_batches, kd_fn, cfg.kd_ratio, vocab))
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            ckpt.save(step, trainer_state())
+        inject_fault("after-step", step)
     bar.close()
     seconds = time.time() - start
-    final_val = validate(accelerator, student, teacher, val_loader, kd_fn, cfg.kd_ratio, vocab)
+    final_val = validate(accelerator, student, teacher, val_batches, kd_fn, cfg.kd_ratio, vocab)
     log.write(step=step, **final_val)
     final_dir = os.path.join(out_dir, "final")
-    save_model(accelerator, student, tokenizer, final_dir, extra={"step": step, "epoch": epoch})
+    save_model(accelerator, student, tokenizer, final_dir, extra={"step": step, "epoch": stream.epoch_progress})
     info(f"{run_name}: {step} steps in {seconds:.1f}s; validation " +
          ", ".join(f"{k} {v:.4f}" for k, v in final_val.items()) + f"; saved {final_dir}", main_process=main)
-    return {"run": run_name, "steps": step, "train_seconds": seconds, "final_dir": final_dir,
-            "model": accelerator.unwrap_model(student), **final_val}
+    summary = {"run": run_name, "steps": step, "train_seconds": seconds, "final_dir": final_dir,
+               "model": accelerator.unwrap_model(student), **final_val}
+    if onpolicy is not None:
+        summary["onpolicy"] = dict(onpolicy.stats, buffer=len(onpolicy.buffer))
+    return summary

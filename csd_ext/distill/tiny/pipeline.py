@@ -66,18 +66,30 @@ def run_tiny(cfg):
     info(f"tiny demo in {out}: data, tokenizer and models are all made here; nothing is downloaded")
     torch.manual_seed(cfg.seed)
 
+    # Under torchrun the process group starts here; rank 0 alone writes the data, tokenizer
+    # and initial models, the other ranks wait for them and read the saved tokenizer.
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
     train_records, eval_records = make_dataset(t.n_train, t.n_eval, t.tasks, seed=cfg.seed)
     train_path, eval_path = os.path.join(out, "data", "train.jsonl"), os.path.join(out, "data", "eval.jsonl")
-    write_jsonl(train_path, train_records)
-    write_jsonl(eval_path, eval_records)
-    texts = [build_prompt(r) + r["response"] for r in train_records]
-    tokenizer = train_bpe(texts, t.vocab_size, save_dir=os.path.join(out, "tokenizer"))
+    teacher_init, student_init = os.path.join(out, "teacher-init"), os.path.join(out, "student-init")
+    if state.is_main_process:
+        write_jsonl(train_path, train_records)
+        write_jsonl(eval_path, eval_records)
+        texts = [build_prompt(r) + r["response"] for r in train_records]
+        tokenizer = train_bpe(texts, t.vocab_size, save_dir=os.path.join(out, "tokenizer"))
+        make_gpt2(tokenizer, t.teacher_layers, t.teacher_dim, t.teacher_heads, t.n_positions, cfg.seed,
+                  teacher_init)
+        make_gpt2(tokenizer, t.student_layers, t.student_dim, t.student_heads, t.n_positions, cfg.seed + 1,
+                  student_init)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        from ..models import load_tokenizer
+
+        tokenizer = load_tokenizer(os.path.join(out, "tokenizer"))
     info(f"data: {len(train_records)} training / {len(eval_records)} held-out examples of tasks "
          f"{', '.join(t.tasks)}; BPE vocabulary {len(tokenizer)}")
-
-    teacher_init, student_init = os.path.join(out, "teacher-init"), os.path.join(out, "student-init")
-    make_gpt2(tokenizer, t.teacher_layers, t.teacher_dim, t.teacher_heads, t.n_positions, cfg.seed, teacher_init)
-    make_gpt2(tokenizer, t.student_layers, t.student_dim, t.student_heads, t.n_positions, cfg.seed + 1, student_init)
 
     base = replace(cfg, pipeline="distill", train_data=train_path, eval_data=eval_path, tokenizer=None,
                    max_steps=0, eval_max_examples=len(eval_records))
@@ -110,6 +122,8 @@ def run_tiny(cfg):
     for row in rows:
         if greedy.get(row["name"]) is not None and len(eval_items) == len(eval_records):
             row["greedy_exact_match_per_task"] = per_task_accuracy(eval_records, greedy[row["name"]])
+    if not state.is_main_process:
+        return rows
     elapsed = time.time() - start
     notes = [
         f"{len(eval_items[: base.eval_max_examples])} held-out prompts; sampled columns: temperature 1, top-p 1, "
