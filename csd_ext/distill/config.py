@@ -22,7 +22,7 @@ class TinyConfig:
 
     n_train: int = 4000               # synthetic training examples
     n_eval: int = 96                  # held-out examples (never seen in training)
-    tasks: list = field(default_factory=lambda: ["reverse", "sort", "add", "lookup"])
+    tasks: list = field(default_factory=lambda: ["copy", "reverse", "sort", "lookup"])
     vocab_size: int = 512             # byte-level BPE vocabulary, trained on the data
     n_positions: int = 128
     teacher_layers: int = 4
@@ -63,7 +63,7 @@ class DistillConfig:
     train_data: typing.Optional[str] = None
     eval_data: typing.Optional[str] = None
     eval_holdout: int = 500                  # without eval_data: first N training lines held out
-    prompt_template: str = "minillm"         # minillm | chat (the tokenizer's chat template)
+    prompt_template: str = "minillm"         # minillm | compact (no preamble) | chat (the tokenizer's)
     max_length: int = 512                    # tokens the model sees per example
     max_prompt_length: int = 256             # longer prompts are dropped, as in MiniLLM
 
@@ -107,7 +107,7 @@ CHOICES = {
     "pipeline": ("distill", "tiny"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
     "teacher_dtype": ("auto", "fp32", "fp16", "bf16"),
-    "prompt_template": ("minillm", "chat"),
+    "prompt_template": ("minillm", "compact", "chat"),
     "lr_scheduler": ("cosine", "linear", "constant"),
     "answer_format": ("text", "gsm8k"),
 }
@@ -177,6 +177,11 @@ def _coerce(key, value, annotation, source):
         value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
     if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
+    if base is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass  # rejected below with the key's name
     if not ok(value):
         raise ConfigError(f"{key} must be {'null or ' if optional else ''}a {base.__name__}, got {value!r} ({source})")
     if base is float:

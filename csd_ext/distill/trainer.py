@@ -199,10 +199,11 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
             with accelerator.accumulate(student):
                 loss, parts = distill_loss(student, teacher, batch, kd_fn, cfg.kd_ratio, vocab)
                 accelerator.backward(loss)
-                window["loss"] += loss.item()
-                window["ce"] += parts["ce"].item()
-                window["kd"] += parts.get("kd", torch.zeros(())).item()
-                window["tokens"] += int(parts["tokens"])
+                # Summed as tensors: no host sync until the next log line.
+                window["loss"] = window["loss"] + loss.detach().float()
+                window["ce"] = window["ce"] + parts["ce"]
+                window["kd"] = window["kd"] + parts.get("kd", 0.0)
+                window["tokens"] = window["tokens"] + parts["tokens"]
                 window["micro"] += 1
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf"))
@@ -216,11 +217,11 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
             if step % cfg.log_every == 0 or step == total:
                 m = window["micro"]
                 record = {"step": step, "epoch": round(epoch + (index + 1) / len(train_loader), 4),
-                          "lr": scheduler.get_last_lr()[0], "loss": window["loss"] / m, "ce": window["ce"] / m,
-                          "grad_norm": float(grad_norm),
-                          "tokens_per_s": window["tokens"] / max(time.time() - window_start, 1e-9)}
+                          "lr": scheduler.get_last_lr()[0], "loss": float(window["loss"]) / m,
+                          "ce": float(window["ce"]) / m, "grad_norm": float(grad_norm),
+                          "tokens_per_s": float(window["tokens"]) / max(time.time() - window_start, 1e-9)}
                 if cfg.kd_ratio > 0:
-                    record["kd"] = window["kd"] / m
+                    record["kd"] = float(window["kd"]) / m
                 log.write(**record)
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "ce", "kd") if k in record})
                 window = {k: 0 for k in window}

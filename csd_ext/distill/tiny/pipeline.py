@@ -38,8 +38,10 @@ def make_gpt2(tokenizer, layers, dim, heads, n_positions, seed, save_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
+    # No dropout: a few hundred steps on a few thousand short examples do not overfit.
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=dim, n_layer=layers,
-                        n_head=heads, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     model = GPT2LMHeadModel(config)
     model.save_pretrained(save_dir)
@@ -70,7 +72,7 @@ def run_tiny(cfg):
     train_path, eval_path = os.path.join(out, "data", "train.jsonl"), os.path.join(out, "data", "eval.jsonl")
     write_jsonl(train_path, train_records)
     write_jsonl(eval_path, eval_records)
-    texts = [build_prompt(r) + r["response"] for r in train_records]
+    texts = [build_prompt(r, cfg.prompt_template) + r["response"] for r in train_records]
     tokenizer = train_bpe(texts, t.vocab_size, save_dir=os.path.join(out, "tokenizer"))
     info(f"data: {len(train_records)} training / {len(eval_records)} held-out examples of tasks "
          f"{', '.join(t.tasks)}; BPE vocabulary {len(tokenizer)}")
