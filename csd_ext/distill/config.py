@@ -31,11 +31,12 @@ class TinyConfig:
     student_layers: int = 2
     student_dim: int = 128
     student_heads: int = 2
-    teacher_steps: int = 150          # SFT optimiser steps for the teacher
+    teacher_steps: int = 300          # SFT optimiser steps for the teacher
     teacher_lr: float = 1e-3
-    student_steps: int = 150          # distillation steps for each student
+    student_steps: int = 200          # distillation steps for each student
     student_lr: float = 1e-3
     baselines: list = field(default_factory=lambda: ["fkl"])  # losses compared with CSD
+    threads: int = 0                  # torch CPU threads; 0 = as many as the other processes leave free
 
 
 @dataclass
@@ -115,7 +116,7 @@ POSITIVE = {"max_length", "max_prompt_length", "batch_size", "grad_accum", "eval
             "log_every", "lr", "n_train", "n_eval", "vocab_size", "n_positions", "teacher_layers", "teacher_dim",
             "teacher_heads", "student_layers", "student_dim", "student_heads", "teacher_steps", "student_steps",
             "teacher_lr", "student_lr"}
-NON_NEGATIVE = {"lora_r", "lora_dropout", "eval_holdout", "min_lr", "warmup_ratio", "weight_decay", "max_grad_norm",
+NON_NEGATIVE = {"threads", "lora_r", "lora_dropout", "eval_holdout", "min_lr", "warmup_ratio", "weight_decay", "max_grad_norm",
                 "epochs", "max_steps", "eval_every", "save_every", "eval_max_examples", "no_repeat_ngram_size",
                 "adam_eps"}
 
