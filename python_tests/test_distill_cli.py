@@ -78,6 +78,7 @@ def test_scores():
     assert exact_match(["x #### 12", "#### 5"], ["... #### 12", "#### 6"], "gsm8k") == 50.0
     assert exact_match([" a  b ", "c"], ["a b", "d"]) == 50.0
     assert distinct_n(["a b a b", "a b"], 2) == pytest.approx(100 * 2 / 4)
+    assert distinct_n(["a-b-a-b"], 2) == pytest.approx(100 * 2 / 3) and distinct_n(["a"], 2) is None
     assert rouge_l(["the cat sat"], ["the cat sat"]) == pytest.approx(100.0)
     assert 0 < rouge_l(["the cat"], ["the cat sat on"]) < 100
     table = results_table([{"name": "teacher", "rougeL": 50.0, "rougeL_sd": 1.0}, {"name": "s", "val_ce": 1.5}])
@@ -99,16 +100,22 @@ def test_batched_left_padded_generation_matches_one_by_one():
 
 
 def test_synthetic_data_is_deterministic_and_split():
-    tr1, ev1 = make_dataset(200, 20, seed=3)
-    tr2, ev2 = make_dataset(200, 20, seed=3)
+    tasks = ["reverse", "sort", "add", "lookup", "first", "last", "copy"]
+    tr1, ev1 = make_dataset(200, 21, tasks, seed=3)
+    tr2, ev2 = make_dataset(200, 21, tasks, seed=3)
     assert tr1 == tr2 and ev1 == ev2
-    key = lambda r: (r["task"], r["context"], r["instruction"] if r["task"] == "lookup" else "")  # noqa: E731
+    key = lambda r: (r["task"], r["context"])  # noqa: E731
     assert not {key(r) for r in ev1} & {key(r) for r in tr1}
     for r in tr1:
         if r["task"] == "reverse":
             assert r["response"] == "-".join(reversed(r["context"].split("-")))
         if r["task"] == "add":
             assert int(r["response"]) == sum(map(int, r["context"].split("+")))
+        if r["task"] == "lookup":
+            fields = dict(f.split("=") for f in r["context"].split(";"))
+            asked = r["context"].rsplit(";", 1)[1].split("=")[0]
+            assert fields[asked] == "?" and r["response"] == dict(
+                f.split("=") for f in r["context"].split(";")[:-1])[asked]
     with pytest.raises(ValueError, match="unknown tiny task"):
         make_dataset(5, 1, tasks=["reverse", "fly"])
 

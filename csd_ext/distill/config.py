@@ -22,7 +22,7 @@ class TinyConfig:
 
     n_train: int = 4000               # synthetic training examples
     n_eval: int = 96                  # held-out examples (never seen in training)
-    tasks: list = field(default_factory=lambda: ["reverse", "sort", "add", "lookup"])
+    tasks: list = field(default_factory=lambda: ["copy", "reverse", "sort", "lookup"])
     vocab_size: int = 512             # byte-level BPE vocabulary, trained on the data
     n_positions: int = 128
     teacher_layers: int = 4
@@ -31,11 +31,12 @@ class TinyConfig:
     student_layers: int = 2
     student_dim: int = 128
     student_heads: int = 2
-    teacher_steps: int = 150          # SFT optimiser steps for the teacher
+    teacher_steps: int = 300          # SFT optimiser steps for the teacher
     teacher_lr: float = 1e-3
-    student_steps: int = 150          # distillation steps for each student
+    student_steps: int = 200          # distillation steps for each student
     student_lr: float = 1e-3
     baselines: list = field(default_factory=lambda: ["fkl"])  # losses compared with CSD
+    threads: int = 0                  # torch CPU threads; 0 = as many as the other processes leave free
 
 
 @dataclass
@@ -63,7 +64,7 @@ class DistillConfig:
     train_data: typing.Optional[str] = None
     eval_data: typing.Optional[str] = None
     eval_holdout: int = 500                  # without eval_data: first N training lines held out
-    prompt_template: str = "minillm"         # minillm | chat (the tokenizer's chat template)
+    prompt_template: str = "minillm"         # minillm | compact (no preamble) | chat (the tokenizer's)
     max_length: int = 512                    # tokens the model sees per example
     max_prompt_length: int = 256             # longer prompts are dropped, as in MiniLLM
 
@@ -123,7 +124,7 @@ CHOICES = {
     "pipeline": ("distill", "tiny"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
     "teacher_dtype": ("auto", "fp32", "fp16", "bf16"),
-    "prompt_template": ("minillm", "chat"),
+    "prompt_template": ("minillm", "compact", "chat"),
     "lr_scheduler": ("cosine", "linear", "constant"),
     "answer_format": ("text", "gsm8k"),
 }
@@ -131,7 +132,7 @@ POSITIVE = {"max_length", "max_prompt_length", "batch_size", "grad_accum", "eval
             "log_every", "lr", "n_train", "n_eval", "vocab_size", "n_positions", "teacher_layers", "teacher_dim",
             "teacher_heads", "student_layers", "student_dim", "student_heads", "teacher_steps", "student_steps",
             "teacher_lr", "student_lr"}
-NON_NEGATIVE = {"lora_r", "lora_dropout", "eval_holdout", "min_lr", "warmup_ratio", "weight_decay", "max_grad_norm",
+NON_NEGATIVE = {"threads", "lora_r", "lora_dropout", "eval_holdout", "min_lr", "warmup_ratio", "weight_decay", "max_grad_norm",
                 "epochs", "max_steps", "eval_every", "save_every", "eval_max_examples", "no_repeat_ngram_size",
                 "adam_eps"}
 # On-policy, multi-process and checkpoint settings (issue 7).
@@ -197,6 +198,11 @@ def _coerce(key, value, annotation, source):
         value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
     if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
+    if base is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass  # rejected below with the key's name
     if not ok(value):
         raise ConfigError(f"{key} must be {'null or ' if optional else ''}a {base.__name__}, got {value!r} ({source})")
     if base is float:

@@ -33,6 +33,11 @@ PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
+# MiniLLM's template without its one-sentence preamble: for the CPU demo, where
+# the ~30 preamble tokens would be most of every sequence.
+COMPACT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
+COMPACT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
 # Dolly's field names; MiniLLM's converted files use input/output for context/response.
 FIELD_ALIASES = {"context": ("context", "input"), "response": ("response", "output")}
 
@@ -89,17 +94,19 @@ def normalise_record(row, where="record"):
 
 def build_prompt(example, template="minillm", tokenizer=None):
     """The prompt text for an example: MiniLLM's template, or the tokenizer's chat template."""
-    if template == "minillm":
+    if template in ("minillm", "compact"):
+        with_input, no_input = ((PROMPT_WITH_INPUT, PROMPT_NO_INPUT) if template == "minillm"
+                                else (COMPACT_WITH_INPUT, COMPACT_NO_INPUT))
         if example["context"]:
-            return PROMPT_WITH_INPUT.format(instruction=example["instruction"], context=example["context"])
-        return PROMPT_NO_INPUT.format(instruction=example["instruction"])
+            return with_input.format(instruction=example["instruction"], context=example["context"])
+        return no_input.format(instruction=example["instruction"])
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise DataError("prompt_template 'chat' needs a tokenizer with a chat template")
         content = example["instruction"] + (f"\n\n{example['context']}" if example["context"] else "")
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-    raise DataError(f"prompt_template must be 'minillm' or 'chat', got {template!r}")
+    raise DataError(f"prompt_template must be 'minillm', 'compact' or 'chat', got {template!r}")
 
 
 def special_prefix(tokenizer, template="minillm"):

@@ -109,9 +109,17 @@ def exact_match(predictions, references, answer_format="text"):
 
 
 def distinct_n(texts, n=2):
-    """Distinct unique n-grams / all n-grams over a set of responses (whitespace words)."""
-    grams = [tuple(words[i:i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
-    return 100.0 * len(set(grams)) / len(grams) if grams else 0.0
+    """Distinct-n (%): unique n-grams / all n-grams over a set of responses.
+
+    Words as ROUGE sees them (rouge-score's tokenizer: lower-case alphanumeric
+    runs), so "a-b-c" is three words; None when no response has n words.
+    """
+    from rouge_score.tokenizers import DefaultTokenizer
+
+    tokenizer = DefaultTokenizer(use_stemmer=False)
+    grams = [tuple(words[i:i + n]) for t in texts for words in [tokenizer.tokenize(t)]
+             for i in range(len(words) - n + 1)]
+    return 100.0 * len(set(grams)) / len(grams) if grams else None
 
 
 def evaluate_model(model, tokenizer, items, cfg, *, name, out_dir=None, teacher_greedy=None,
@@ -139,7 +147,9 @@ def evaluate_model(model, tokenizer, items, cfg, *, name, out_dir=None, teacher_
     if per_seed:
         rl, em, d2 = zip(*per_seed)
         result.update(rougeL=statistics.mean(rl), rougeL_sd=statistics.pstdev(rl), exact_match=statistics.mean(em),
-                      distinct_2=statistics.mean(d2), seeds=list(cfg.eval_seeds), rougeL_per_seed=list(rl))
+                      seeds=list(cfg.eval_seeds), rougeL_per_seed=list(rl))
+        if all(d is not None for d in d2):
+            result["distinct_2"] = statistics.mean(d2)
     if cfg.eval_greedy:
         outs = generate_sharded(model, tokenizer, prompts, do_sample=False, **common)
         generations["greedy"] = outs

@@ -138,7 +138,8 @@ def load_pair(cfg, mixed_precision, log=print):
     if cfg.lora_r > 0 and mixed_precision != "no":
         student_dtype = DTYPES[mixed_precision]
     student = load_causal_lm(cfg.student, dtype=student_dtype, trust_remote_code=cfg.trust_remote_code)
-    log(f"student {cfg.student}: {count_parameters(student) / 1e6:.2f}M parameters")
+    log(f"{'student' if cfg.kd_ratio > 0 else 'model to fine-tune'} {cfg.student}: "
+        f"{count_parameters(student) / 1e6:.2f}M parameters")
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
         student.config.use_cache = False

@@ -65,13 +65,14 @@ def plot_training_curves(metrics_paths, png_path, title="training curves"):
               (axes[0, 1], "kd", "KD loss (each run's own loss; scales differ)"),
               (axes[1, 0], "val_ce", "validation CE (teacher-forced)"),
               (axes[1, 1], "lr", "learning rate")]
-    for label, path in metrics_paths.items():
+    for i, (label, path) in enumerate(metrics_paths.items()):
         records = read_metrics(path)
         for ax, key, _ in panels:
             pts = [(r["step"], r[key]) for r in records if key in r]
             if pts:
                 steps, values = zip(*pts)
-                ax.plot(steps, values, marker="o" if key == "val_ce" else None, markersize=3, label=label)
+                ax.plot(steps, values, marker="o" if key == "val_ce" else None, markersize=3, label=label,
+                        color=f"C{i}")  # one colour per run in every panel
     for ax, key, name in panels:
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("optimiser step")

@@ -1,17 +1,21 @@
 """A deterministic synthetic instruction dataset with checkable answers.
 
-Four small tasks, each with a couple of phrasings, written as Dolly records
+Small tasks, each with two phrasings, written as Dolly records
 (instruction, context, response):
 
-    reverse  "Reverse the letters."             "c-a-f-e"             -> "e-f-a-c"
-    sort     "Sort the letters alphabetically." "d-b-a"               -> "a-b-d"
-    add      "Add the two numbers."             "3+4"                 -> "7"
-    lookup   "What is the city?"                "name=ana;city=oslo"  -> "oslo"
+    last     "What is the last letter?"         "c-a-f-e"                    -> "e"
+    first    "What is the first letter?"        "c-a-f-e"                    -> "c"
+    copy     "Repeat the letters."              "c-a-f"                      -> "c-a-f"
+    lookup   "Fill in the missing value."       "name=ana;city=oslo;city=?"  -> "oslo"
+    reverse  "Reverse the letters."             "c-a-f-e"                    -> "e-f-a-c"
+    sort     "Sort the letters alphabetically." "d-b-a"                      -> "a-b-d"
+    add      "Add the two numbers."             "3+4"                        -> "7"
 
 Letters, digits and values are joined by punctuation, not spaces: GPT-2's
 pre-tokenizer then gives every letter (and value) the same token in the
 input and in the answer, so the tasks stay learnable by a tiny model.  The
-evaluation split never shares a (task, context, question) with training.
+evaluation split never shares a (task, input) with the training split, so
+"add" asks for sums of digit pairs never seen in training.
 """
 
 import random
@@ -27,8 +31,12 @@ PHRASES = {
     "reverse": ["Reverse the letters.", "Write the letters in reverse order."],
     "sort": ["Sort the letters alphabetically.", "Put the letters in alphabetical order."],
     "add": ["Add the two numbers.", "What is the sum?"],
+    "first": ["What is the first letter?", "Give the first letter."],
+    "last": ["What is the last letter?", "Give the last letter."],
+    "copy": ["Repeat the letters.", "Copy the letters."],
+    "lookup": ["Fill in the missing value.", "What value does the last key have?"],
 }
-TASK_NAMES = ("reverse", "sort", "add", "lookup")
+TASK_NAMES = ("reverse", "sort", "add", "lookup", "first", "last", "copy")
 
 
 def _letters(rng):
@@ -43,6 +51,10 @@ def make_example(task, rng):
     elif task == "sort":
         ls = _letters(rng)
         rec = (rng.choice(PHRASES[task]), "-".join(ls), "-".join(sorted(ls)))
+    elif task in ("first", "last", "copy"):
+        ls = _letters(rng)
+        answer = {"first": ls[0], "last": ls[-1], "copy": "-".join(ls)}[task]
+        rec = (rng.choice(PHRASES[task]), "-".join(ls), answer)
     elif task == "add":
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         rec = (rng.choice(PHRASES[task]), f"{a}+{b}", str(a + b))
@@ -50,11 +62,13 @@ def make_example(task, rng):
         names = rng.sample(sorted(FIELDS), 3)
         values = {f: rng.choice(FIELDS[f]) for f in names}
         asked = rng.choice(names)
-        rec = (f"What is the {asked}?", ";".join(f"{f}={values[f]}" for f in names), values[asked])
+        # The asked key is repeated at the end of the input, spelled exactly as in the record.
+        context = ";".join(f"{f}={values[f]}" for f in names) + f";{asked}=?"
+        rec = (rng.choice(PHRASES[task]), context, values[asked])
     else:
         raise ValueError(f"unknown tiny task {task!r}; choose from {', '.join(TASK_NAMES)}")
     instruction, context, response = rec
-    key = (task, context, instruction if task == "lookup" else "")
+    key = (task, context)
     return {"instruction": instruction, "context": context, "response": response, "task": task}, key
 
 
