@@ -209,6 +209,28 @@ def test_teacher_gets_no_gradient(teacher):
     assert case["h"].grad is not None
 
 
+def test_tied_embedding_and_accumulated_grads():
+    # GPT-2 ties lm_head.weight to the input embedding: the weight receives the fused
+    # gradient plus the embedding's, and .grad accumulates over two micro-batches.
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(40, 8, generator=g, requires_grad=True)
+    ids, t = torch.randint(0, 40, (2, 9), generator=g), torch.randn(2, 9, 40, generator=g)
+    proj = torch.randn(8, 8, generator=g)
+
+    def loss_of(fused_path):
+        h = torch.nn.functional.embedding(ids, w) @ proj  # stands in for the transformer
+        if fused_path:
+            return fused_linear_csd(h, w, t, chunk_size=4)
+        return csd_loss(h @ w.T, t)
+
+    for _ in range(2):
+        loss_of(True).backward()
+    fused_grad, w.grad = w.grad, None
+    for _ in range(2):
+        loss_of(False).backward()
+    assert_close(fused_grad, w.grad, *TOL[torch.float32], "tied weight grad")
+
+
 def test_second_backward_through_a_reduced_graph_is_refused_clearly():
     case = make_case(2, (12,), 8, 33, torch.float32)
     loss = fused_linear_csd(case["h"], case["w"], labels=case["labels"], **case["teacher"])
