@@ -225,8 +225,9 @@ def write_markdown(path, args, results, load_before, load_after, elapsed):
         "    " + " ".join(["python"] + [os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "",
         "Each row runs in a fresh process.  Time = forward + backward (median/min/max).  Peak extra memory "
-        "= peak RSS (VmHWM, reset after warm-up via /proc/self/clear_refs) minus RSS after the inputs were "
-        "allocated; it includes the gradients of the hidden states and weight that every contender returns.",
+        "= peak RSS (VmHWM, reset via /proc/self/clear_refs) during the timed iterations minus the RSS after "
+        "the warm-up with inputs allocated, gradients dropped and free heap returned (malloc_trim); it includes "
+        "the gradients of the hidden states and weight that every contender returns.",
         "",
         *lines,
         "",
