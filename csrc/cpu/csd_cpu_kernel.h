@@ -29,6 +29,8 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <new>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -97,34 +99,99 @@ inline void with_needs(Needs need, const F& fn) {
 template <typename zs_t, typename ts_t, typename acc_t>
 constexpr bool kStaticNeeds = std::is_same_v<zs_t, ts_t> && std::is_same_v<acc_t, float>;
 
-// Scratch for one tile.  Buffers are padded to a whole number of vectors;
-// padding lanes are written as masked entries (a = -inf, d = 0, um = 0).
+// The forward's working buffers.  A tile's buffers are padded to a whole
+// number of vectors; padding lanes are written as masked entries (a = -inf,
+// d = 0, um = 0).
+//   tile mode: one tile's worth, reused by every tile;
+//   row mode (fused forward): a whole row, tile j at offset j, so that the
+//     weights and d are still there for the gradient pass; each tile's
+//     weights are exp(a - that tile's max), which is kept per tile.
 template <typename acc_t>
-struct TileScratch {
-  alignas(64) acc_t d[kTile];
-  alignas(64) acc_t as[kTile];  // z/tau, then exp(z/tau - max)
-  alignas(64) acc_t at[kTile];  // t/tau, then exp(t/tau - max)
-  alignas(64) acc_t um[kTile];  // 1 for unmasked entries, else 0 (U's weight)
+struct Scratch {
+  using Vec = Vectorized<acc_t>;
+  // 64-byte aligned: a vector load that straddles two cache lines costs two.
+  struct AlignedDelete {
+    void operator()(acc_t* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  std::unique_ptr<acc_t[], AlignedDelete> storage;
+  acc_t* d = nullptr;   // d - pivot (0 at masked entries)
+  acc_t* as = nullptr;  // z/tau, then exp(z/tau - tile max)
+  acc_t* at = nullptr;  // t/tau, then exp(t/tau - tile max)
+  acc_t* um = nullptr;  // 1 for unmasked entries, else 0 (U's weight)
+  bool whole_row;
+  acc_t pivot = 0;                       // row mode: the segment's pivot
+  std::vector<acc_t> max_s, max_t;       // row mode: each tile's max
+
+  Scratch(Needs need, bool row_mode, int64_t vocab) : whole_row(row_mode) {
+    constexpr int64_t kLine = 64 / sizeof(acc_t);
+    const int64_t len = row_mode ? (vocab + Vec::size() + kLine - 1) / kLine * kLine : kTile;
+    const int64_t arrays = 1 + int64_t(need.s) + int64_t(need.t) + int64_t(need.u);
+    storage.reset(static_cast<acc_t*>(
+        ::operator new[](arrays * len * sizeof(acc_t), std::align_val_t(64))));
+    acc_t* next = storage.get();
+    d = next, next += len;
+    if (need.s) as = next, next += len;
+    if (need.t) at = next, next += len;
+    if (need.u) um = next, next += len;
+    if (row_mode) {
+      max_s.resize((vocab + kTile - 1) / kTile);
+      max_t.resize(max_s.size());
+    }
+  }
 };
+
+// The buffers of one tile.
+template <typename acc_t>
+struct TileView {
+  acc_t *d, *as, *at, *um;
+};
+
+template <typename acc_t>
+inline TileView<acc_t> tile_view(Scratch<acc_t>& sc, int64_t offset) {
+  const int64_t o = sc.whole_row ? offset : 0;
+  auto at_offset = [o](acc_t* p) { return p == nullptr ? p : p + o; };
+  return {sc.d + o, at_offset(sc.as), at_offset(sc.at), at_offset(sc.um)};
+}
 
 // A tile whose max is -inf has no finite weight logit: either every entry is
 // masked (empty moments) or the unmasked ones are NaN, which must reach the
-// row as NaN (max_skip_nan left them out of the max).
+// row as NaN (max_skip_nan left them out of the max).  The buffer becomes
+// the weights, as on the normal path: 0, or NaN where the logit was NaN.
 template <typename acc_t>
-inline Moments<acc_t> moments_without_max(const acc_t* a, int64_t n_pad) {
+inline Moments<acc_t> moments_without_max(acc_t* a, int64_t n_pad) {
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  bool any_nan = false;
   for (int64_t i = 0; i < n_pad; ++i) {
-    if (std::isnan(a[i])) {
-      const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-      return {nan, nan, nan, nan};
-    }
+    any_nan = any_nan || std::isnan(a[i]);
+    a[i] = std::isnan(a[i]) ? nan : acc_t(0);
   }
-  return empty_moments<acc_t>();
+  return any_nan ? Moments<acc_t>{nan, nan, nan, nan} : empty_moments<acc_t>();
 }
+
+// The next tile's logits, fetched into L2 a few cache lines at a time from
+// inside the exp-bound pass B, so that reading them from DRAM overlaps
+// compute instead of stalling the next pass A (the hardware prefetcher alone
+// leaves pass A waiting: it is a short burst of loads between long compute
+// passes).
+struct NextTile {
+  const char* z = nullptr;
+  const char* t = nullptr;
+  int64_t zbytes = 0, tbytes = 0;  // per entry
+  int64_t n = 0;                   // entries (0: nothing to fetch)
+
+  // Lines of entries [i, i + count) of both inputs.
+  void fetch(int64_t i, int64_t count) const {
+    if (i >= n) return;
+    for (int64_t off = i * zbytes; off < (i + count) * zbytes; off += 64) CSD_PREFETCH_L2(z + off);
+    for (int64_t off = i * tbytes; off < (i + count) * tbytes; off += 64) CSD_PREFETCH_L2(t + off);
+  }
+};
 
 // Passes B and C for one base distribution whose (padded) weight logits are
 // in `a`.  Turns them into weights in place and returns the tile's moments.
 template <typename acc_t>
-inline Moments<acc_t> weighted_tile_moments(acc_t* a, const acc_t* d, int64_t n_pad, acc_t mx) {
+inline Moments<acc_t> weighted_tile_moments(acc_t* a, const acc_t* d, int64_t n_pad, acc_t mx,
+                                            const NextTile& next) {
   using Vec = Vectorized<acc_t>;
   using L = Lanes<acc_t>;
   if (mx == neg_inf<acc_t>()) return moments_without_max(a, n_pad);
@@ -133,6 +200,7 @@ inline Moments<acc_t> weighted_tile_moments(acc_t* a, const acc_t* d, int64_t n_
   Vec vs0(0), vs1(0), vsd0(0), vsd1(0);
   int64_t i = 0;
   for (; i + 2 * Vec::size() <= n_pad; i += 2 * Vec::size()) {
+    next.fetch(i, 2 * Vec::size());
     const Vec e0 = L::exp(Vec::loadu(a + i) - vmax);
     const Vec e1 = L::exp(Vec::loadu(a + i + Vec::size()) - vmax);
     e0.store(a + i);
@@ -188,23 +256,19 @@ inline Moments<acc_t> uniform_tile_moments(const acc_t* um, const acc_t* d, int6
 }
 
 // Pass A over the whole vectors of one tile: logits straight from the
-// inputs (upcast in registers) to d and the weight logits in `buf`.  Entry i
-// of the *next* tile (zpf/tpf, or null for the last tile) is prefetched
-// alongside entry i of this one.
+// inputs (upcast in registers) to d and the weight logits in `buf`.  It
+// prefetches the next tile itself only when there is no pass B (U only).
 template <typename zs_t, typename ts_t, typename acc_t, typename NeedsT>
-inline void tile_pass_a(const zs_t* z, const ts_t* t, const zs_t* zpf, const ts_t* tpf,
+inline void tile_pass_a(const zs_t* z, const ts_t* t, const NextTile& next,
                         int64_t n_vec, NeedsT nt, acc_t inv_temp, acc_t pivot,
-                        TileScratch<acc_t>& buf, Vectorized<acc_t>& max_s,
+                        const TileView<acc_t>& buf, Vectorized<acc_t>& max_s,
                         Vectorized<acc_t>& max_t) {
   using Vec = Vectorized<acc_t>;
   using L = Lanes<acc_t>;
   const Needs need = nt.get();
   const Vec vinv(inv_temp), vone(1), vpivot(pivot);
   for (int64_t i = 0; i < n_vec; i += Vec::size()) {
-    if (zpf != nullptr) {
-      CSD_PREFETCH(zpf + i);
-      CSD_PREFETCH(tpf + i);
-    }
+    if (!need.s && !need.t) next.fetch(i, Vec::size());
     const Vec vz = load_as<acc_t>(z + i), vt = load_as<acc_t>(t + i);
     const auto ok = L::unmasked(vz, vt);
     L::or_zero(ok, (vz - vt) - vpivot).store(buf.d + i);
@@ -237,41 +301,55 @@ acc_t segment_pivot(const zs_t* zrow, const ts_t* trow, int64_t begin, int64_t e
 }
 
 // Moments of entries [begin, end) of one row under the base distributions
-// in `need`.
+// in `need`.  In row mode the scratch keeps d, the weights and the tile
+// maxima for the gradient pass.
 template <typename zs_t, typename ts_t, typename acc_t, typename NeedsT>
 RowMoments<acc_t> segment_moments(const zs_t* zrow, const ts_t* trow, int64_t begin,
-                                  int64_t end, NeedsT nt, acc_t inv_temp,
-                                  TileScratch<acc_t>& buf) {
+                                  int64_t end, NeedsT nt, acc_t inv_temp, Scratch<acc_t>& sc) {
   using Vec = Vectorized<acc_t>;
   const Needs need = nt.get();
   RowMoments<acc_t> row;
   const acc_t pivot = segment_pivot<zs_t, ts_t, acc_t>(zrow, trow, begin, end);
+  sc.pivot = pivot;
   for (int64_t j = begin; j < end; j += kTile) {
+    const TileView<acc_t> buf = tile_view(sc, j - begin);
     const int64_t n = std::min(kTile, end - j);
     const int64_t n_vec = n - n % Vec::size();
     const int64_t n_pad = n_vec == n ? n : n_vec + Vec::size();
-    // Prefetch the next tile of the segment (prefetches never fault, so
-    // running past its end is harmless).
-    const bool more = j + kTile < end;
+    NextTile next;  // the segment's next tile, if any
+    if (j + kTile < end) {
+      next = {reinterpret_cast<const char*>(zrow + j + kTile),
+              reinterpret_cast<const char*>(trow + j + kTile), int64_t(sizeof(zs_t)),
+              int64_t(sizeof(ts_t)), std::min(kTile, end - j - kTile)};
+    }
     Vec max_s(neg_inf<acc_t>()), max_t(neg_inf<acc_t>());
-    tile_pass_a(zrow + j, trow + j, more ? zrow + j + kTile : nullptr,
-                more ? trow + j + kTile : nullptr, n_vec, nt, inv_temp, pivot, buf, max_s,
-                max_t);
+    tile_pass_a(zrow + j, trow + j, next, n_vec, nt, inv_temp, pivot, buf, max_s, max_t);
     acc_t mx_s = vec_max(max_s), mx_t = vec_max(max_t);
     for (int64_t i = n_vec; i < n_pad; ++i) {  // scalar tail, then masked padding
       const acc_t zi = i < n ? static_cast<acc_t>(zrow[j + i]) : neg_inf<acc_t>();
       const acc_t ti = i < n ? static_cast<acc_t>(trow[j + i]) : neg_inf<acc_t>();
       const bool ok = is_unmasked(zi, ti);
       buf.d[i] = ok ? (zi - ti) - pivot : acc_t(0);
-      buf.as[i] = ok ? zi * inv_temp : neg_inf<acc_t>();
-      buf.at[i] = ok ? ti * inv_temp : neg_inf<acc_t>();
-      buf.um[i] = ok ? acc_t(1) : acc_t(0);
-      if (ok && buf.as[i] > mx_s) mx_s = buf.as[i];  // NaN skipped, as in pass A
-      if (ok && buf.at[i] > mx_t) mx_t = buf.at[i];
+      if (need.s) {
+        buf.as[i] = ok ? zi * inv_temp : neg_inf<acc_t>();
+        if (ok && buf.as[i] > mx_s) mx_s = buf.as[i];  // NaN skipped, as in pass A
+      }
+      if (need.t) {
+        buf.at[i] = ok ? ti * inv_temp : neg_inf<acc_t>();
+        if (ok && buf.at[i] > mx_t) mx_t = buf.at[i];
+      }
+      if (need.u) buf.um[i] = ok ? acc_t(1) : acc_t(0);
+    }
+    if (sc.whole_row) {
+      sc.max_s[(j - begin) / kTile] = mx_s;
+      sc.max_t[(j - begin) / kTile] = mx_t;
     }
     // Passes B and C, then the stable merge into the row state.
-    if (need.s) row.s = csd::merge(row.s, weighted_tile_moments(buf.as, buf.d, n_pad, mx_s));
-    if (need.t) row.t = csd::merge(row.t, weighted_tile_moments(buf.at, buf.d, n_pad, mx_t));
+    if (need.s) row.s = csd::merge(row.s, weighted_tile_moments(buf.as, buf.d, n_pad, mx_s, next));
+    if (need.t) {
+      row.t = csd::merge(row.t, weighted_tile_moments(buf.at, buf.d, n_pad, mx_t,
+                                                      need.s ? NextTile{} : next));
+    }
     if (need.u) row.u = csd::merge(row.u, uniform_tile_moments(buf.um, buf.d, n_pad));
   }
   // Back from d - pivot to d (m2 does not depend on the shift).
@@ -294,54 +372,6 @@ inline int64_t grain_for(int64_t vocab) {
   return std::max<int64_t>(1, kMinEntriesPerTask / std::max<int64_t>(vocab, 1));
 }
 
-template <typename zs_t, typename ts_t, typename acc_t>
-void forward_typed(const at::Tensor& student, const at::Tensor& teacher, const bool* row_mask,
-                   const LossConfig& cfg, at::Tensor& loss, at::Tensor& stats) {
-  const int64_t rows = student.size(0), vocab = student.size(1);
-  const int64_t zstride = student.stride(0), tstride = teacher.stride(0);
-  const zs_t* zdata = student.const_data_ptr<zs_t>();
-  const ts_t* tdata = teacher.const_data_ptr<ts_t>();
-  acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
-  acc_t* stats_out = stats.mutable_data_ptr<acc_t>();
-  const Mixture<acc_t> w1{acc_t(cfg.w1.s), acc_t(cfg.w1.t), acc_t(cfg.w1.u)};
-  const Mixture<acc_t> w2{acc_t(cfg.w2.s), acc_t(cfg.w2.t), acc_t(cfg.w2.u)};
-  const Needs need = needs_of(w1, w2);
-  const acc_t inv_temp = acc_t(cfg.inv_temperature);
-
-  const int64_t segs = segments_per_row(rows, vocab);
-  const int64_t seg_len = (vocab + segs - 1) / segs;
-  std::vector<RowMoments<acc_t>> partial(rows * segs);
-  with_needs<kStaticNeeds<zs_t, ts_t, acc_t>>(need, [&](auto nt) {
-    at::parallel_for(0, rows * segs, grain_for(seg_len), [&](int64_t first, int64_t last) {
-      auto buf = std::make_unique<TileScratch<acc_t>>();
-      for (int64_t item = first; item < last; ++item) {
-        const int64_t r = item / segs, seg = item % segs;
-        if (row_mask != nullptr && !row_mask[r]) continue;  // ignored token: no work
-        const int64_t begin = seg * seg_len, end = std::min(vocab, begin + seg_len);
-        partial[item] = segment_moments(zdata + r * zstride, tdata + r * tstride, begin, end, nt,
-                                        inv_temp, *buf);
-      }
-    });
-  });
-  at::parallel_for(0, rows, 4096, [&](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) {
-      acc_t* st = stats_out + r * kNumStats;
-      const bool counted = row_mask == nullptr || row_mask[r];
-      RowMoments<acc_t> m = partial[r * segs];
-      for (int64_t seg = 1; seg < segs; ++seg) m = merge(m, partial[r * segs + seg]);
-      const RowResult<acc_t> res = counted ? finalize_row(m.s, m.t, m.u, w1, w2)
-                                           : RowResult<acc_t>{0, 0, 0, 0, 0, 0};
-      loss_out[r] = res.loss;
-      st[kLseS] = res.lse_s;
-      st[kLseT] = res.lse_t;
-      st[kInvCount] = res.inv_count;
-      st[kMean1] = res.mean1;
-      st[kMean2] = res.mean2;
-      st[kRowWeight] = counted ? acc_t(1) : acc_t(0);
-    }
-  });
-}
-
 // Gradient of entries [begin, end) of one row, straight from the logits to
 // the output: two vectors per step (one reduced-precision vector holds two
 // float vectors), a scalar tail.  Masked entries get exactly 0.
@@ -352,10 +382,14 @@ void segment_grad(const zs_t* zrow, const ts_t* trow, zs_t* grow, int64_t begin,
   using L = Lanes<acc_t>;
   const Needs need = nt.get();
   const Vec vinv(inv_temp), neg_lse_s(-st[kLseS]), neg_lse_t(-st[kLseT]);
+  // The coefficients as vectors up front: read through the reference, the
+  // compiler would reload them every step (the output might alias them).
+  const GradCoeffs<Vec> vc{Vec(c.pivot), Vec(c.s_d), Vec(c.s_k), Vec(c.t_d),
+                           Vec(c.t_k),   Vec(c.u_d), Vec(c.u_k)};
   auto grad_of = [&](const Vec& vz, const Vec& vt) {
     const Vec ws = need.s ? L::exp(at::vec::fmadd(vz, vinv, neg_lse_s)) : Vec(0);
     const Vec wt = need.t ? L::exp(at::vec::fmadd(vt, vinv, neg_lse_t)) : Vec(0);
-    return L::or_zero(L::unmasked(vz, vt), element_grad_regrouped(c, need, ws, wt, vz - vt));
+    return L::or_zero(L::unmasked(vz, vt), element_grad_regrouped(vc, need, ws, wt, vz - vt));
   };
   constexpr int64_t kStep = 2 * Vec::size();
   int64_t j = begin;
@@ -377,59 +411,214 @@ void segment_grad(const zs_t* zrow, const ts_t* trow, zs_t* grow, int64_t begin,
   }
 }
 
+// Writes one row's loss and statistics.
+template <typename acc_t>
+inline void store_row(const RowMoments<acc_t>& m, bool counted, const Mixture<acc_t>& w1,
+                      const Mixture<acc_t>& w2, acc_t* loss, acc_t* st) {
+  const RowResult<acc_t> res =
+      counted ? finalize_row(m.s, m.t, m.u, w1, w2) : RowResult<acc_t>{0, 0, 0, 0, 0, 0};
+  *loss = res.loss;
+  st[kLseS] = res.lse_s;
+  st[kLseT] = res.lse_t;
+  st[kInvCount] = res.inv_count;
+  st[kMean1] = res.mean1;
+  st[kMean2] = res.mean2;
+  st[kRowWeight] = counted ? acc_t(1) : acc_t(0);
+}
+
+// The typed arguments every pass needs.
+template <typename zs_t, typename ts_t, typename acc_t>
+struct Problem {
+  int64_t rows, vocab, zstride, tstride;
+  const zs_t* z;
+  const ts_t* t;
+  Mixture<acc_t> w1, w2;
+  Needs need;
+  acc_t inv_temp;
+  int64_t segs, seg_len;
+
+  Problem(const at::Tensor& student, const at::Tensor& teacher, const LossConfig& cfg)
+      : rows(student.size(0)),
+        vocab(student.size(1)),
+        zstride(student.stride(0)),
+        tstride(teacher.stride(0)),
+        z(student.const_data_ptr<zs_t>()),
+        t(teacher.const_data_ptr<ts_t>()),
+        w1{acc_t(cfg.w1.s), acc_t(cfg.w1.t), acc_t(cfg.w1.u)},
+        w2{acc_t(cfg.w2.s), acc_t(cfg.w2.t), acc_t(cfg.w2.u)},
+        need(needs_of(w1, w2)),
+        inv_temp(acc_t(cfg.inv_temperature)),
+        segs(segments_per_row(rows, vocab)),
+        seg_len((vocab + segs - 1) / segs) {}
+
+  // Gradient of one segment of row r for the per-row scale (grad_output) `scale`.
+  template <typename NeedsT>
+  void grad_segment(int64_t r, int64_t begin, int64_t end, const acc_t* st, acc_t scale,
+                    zs_t* grad, NeedsT nt) const {
+    zs_t* grow = grad + r * vocab;
+    if (st[kRowWeight] == acc_t(0)) {  // ignored token: its gradient is exactly 0
+      std::fill(grow + begin, grow + end, zs_t(0));
+      return;
+    }
+    const acc_t half_scale = acc_t(0.5) * scale * st[kRowWeight];
+    const GradCoeffs<acc_t> c =
+        grad_coeffs(w1, w2, st[kMean1], st[kMean2], st[kInvCount], half_scale);
+    segment_grad(z + r * zstride, t + r * tstride, grow, begin, end, st, c, nt, inv_temp);
+  }
+
+  // Gradient of the rows for which scale_of(r) returns a value (std::nullopt:
+  // leave the row as it is).
+  template <typename ScaleOf>
+  void grad_rows(const acc_t* stats, zs_t* grad, const ScaleOf& scale_of) const {
+    with_needs<kStaticNeeds<zs_t, ts_t, acc_t>>(need, [&](auto nt) {
+      at::parallel_for(0, rows * segs, grain_for(seg_len), [&](int64_t first, int64_t last) {
+        for (int64_t item = first; item < last; ++item) {
+          const int64_t r = item / segs, seg = item % segs;
+          const std::optional<acc_t> scale = scale_of(r);
+          if (!scale) continue;
+          const int64_t begin = seg * seg_len, end = std::min(vocab, begin + seg_len);
+          grad_segment(r, begin, end, stats + r * kNumStats, *scale, grad, nt);
+        }
+      });
+    });
+  }
+};
+
+// The fused forward's gradient pass for one row, from the row-mode scratch
+// (still in L2) instead of the logits: S_k = exp(z_k/tau - max_tile) *
+// exp(max_tile - lse), so each tile's S (and T) coefficients are scaled by
+// one scalar exp and no per-entry exp is recomputed.  `c` holds the row's
+// coefficients (grad_output folded in); d in the scratch is d - pivot.
+template <typename zs_t, typename acc_t, typename NeedsT>
+void grad_from_scratch(const Scratch<acc_t>& sc, int64_t vocab, const acc_t* st,
+                       const GradCoeffs<acc_t>& c, NeedsT nt, zs_t* grow) {
+  using Vec = Vectorized<acc_t>;
+  const Needs need = nt.get();
+  constexpr int64_t kStep = 2 * Vec::size();
+  const acc_t pivot = c.pivot - sc.pivot;  // mean1 relative to the stored d - pivot
+  for (int64_t j = 0; j < vocab; j += kTile) {
+    const int64_t n = std::min(kTile, vocab - j);
+    const acc_t fs = need.s ? exp_of(sc.max_s[j / kTile] - st[kLseS]) : acc_t(0);
+    const acc_t ft = need.t ? exp_of(sc.max_t[j / kTile] - st[kLseT]) : acc_t(0);
+    const GradCoeffs<acc_t> tc{pivot, c.s_d * fs, c.s_k * fs, c.t_d * ft, c.t_k * ft, c.u_d, c.u_k};
+    const GradCoeffs<Vec> vc{Vec(tc.pivot), Vec(tc.s_d), Vec(tc.s_k), Vec(tc.t_d),
+                             Vec(tc.t_k),   Vec(tc.u_d), Vec(tc.u_k)};
+    const acc_t* d = sc.d + j;
+    const acc_t* es = need.s ? sc.as + j : nullptr;
+    const acc_t* et = need.t ? sc.at + j : nullptr;
+    const acc_t* um = need.u ? sc.um + j : nullptr;
+    // Masked entries have weight 0 and d 0, so the S and T terms vanish
+    // there; only U's term needs the mask.
+    auto grad_at = [&](int64_t i) {
+      const Vec ws = need.s ? Vec::loadu(es + i) : Vec(0);
+      const Vec wt = need.t ? Vec::loadu(et + i) : Vec(0);
+      const Vec g = element_grad_regrouped(vc, need, ws, wt, Vec::loadu(d + i));
+      return need.u ? g * Vec::loadu(um + i) : g;
+    };
+    int64_t i = 0;
+    for (; i + kStep <= n; i += kStep) store_pair_as(grow + j + i, grad_at(i), grad_at(i + Vec::size()));
+    for (; i < n; ++i) {
+      const acc_t g = element_grad_regrouped(tc, need, need.s ? es[i] : acc_t(0),
+                                             need.t ? et[i] : acc_t(0), d[i]);
+      grow[j + i] = static_cast<zs_t>(need.u ? g * um[i] : g);
+    }
+  }
+}
+
+// Forward; when `grad` is given, also the gradient for grad_output =
+// grad_scale on every row.  With whole rows per task (rows >= threads) that
+// gradient comes from the row-mode scratch right after the row's moments,
+// while d and the weights are still in L2: no second read of the logits
+// and no second exp per entry.
+template <typename zs_t, typename ts_t, typename acc_t>
+void forward_typed(const at::Tensor& student, const at::Tensor& teacher, const bool* row_mask,
+                   const LossConfig& cfg, at::Tensor& loss, at::Tensor& stats, zs_t* grad,
+                   acc_t grad_scale) {
+  const Problem<zs_t, ts_t, acc_t> p(student, teacher, cfg);
+  acc_t* loss_out = loss.mutable_data_ptr<acc_t>();
+  acc_t* stats_out = stats.mutable_data_ptr<acc_t>();
+  const int64_t rows = p.rows, segs = p.segs, seg_len = p.seg_len, vocab = p.vocab;
+  const bool fused = grad != nullptr && segs == 1;
+  std::vector<RowMoments<acc_t>> partial(fused ? 0 : rows * segs);
+  with_needs<kStaticNeeds<zs_t, ts_t, acc_t>>(p.need, [&](auto nt) {
+    at::parallel_for(0, rows * segs, grain_for(seg_len), [&](int64_t first, int64_t last) {
+      Scratch<acc_t> sc(p.need, fused, vocab);
+      for (int64_t item = first; item < last; ++item) {
+        const int64_t r = item / segs, seg = item % segs;
+        const bool counted = row_mask == nullptr || row_mask[r];
+        const int64_t begin = seg * seg_len, end = std::min(vocab, begin + seg_len);
+        RowMoments<acc_t> m;
+        if (counted) {  // an ignored token costs no work
+          m = segment_moments(p.z + r * p.zstride, p.t + r * p.tstride, begin, end, nt,
+                              p.inv_temp, sc);
+        }
+        if (!fused) {
+          partial[item] = m;
+          continue;
+        }
+        acc_t* st = stats_out + r * kNumStats;
+        store_row(m, counted, p.w1, p.w2, loss_out + r, st);
+        if (!counted) {
+          p.grad_segment(r, 0, vocab, st, grad_scale, grad, nt);  // zeros
+          continue;
+        }
+        const acc_t half_scale = acc_t(0.5) * grad_scale;
+        grad_from_scratch(sc, vocab, st,
+                          grad_coeffs(p.w1, p.w2, st[kMean1], st[kMean2], st[kInvCount], half_scale),
+                          nt, grad + r * vocab);
+      }
+    });
+  });
+  if (fused) return;
+  at::parallel_for(0, rows, 4096, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      RowMoments<acc_t> m = partial[r * segs];
+      for (int64_t seg = 1; seg < segs; ++seg) m = merge(m, partial[r * segs + seg]);
+      store_row(m, row_mask == nullptr || row_mask[r], p.w1, p.w2, loss_out + r,
+                stats_out + r * kNumStats);
+    }
+  });
+  if (grad != nullptr) {  // rows split across threads: a second sweep once the rows are final
+    p.grad_rows(stats_out, grad, [&](int64_t) { return std::optional<acc_t>(grad_scale); });
+  }
+}
+
+// Backward.  `only_changed`: `grad` already holds the gradient for
+// grad_output = grad_scale (from the forward); recompute only the rows whose
+// grad_output differs, so the usual case (a mean or sum of the rows, backward
+// from 1) costs O(N).
 template <typename zs_t, typename ts_t, typename acc_t>
 void backward_typed(const at::Tensor& grad_loss, const at::Tensor& student,
                     const at::Tensor& teacher, const at::Tensor& stats, const LossConfig& cfg,
-                    at::Tensor& grad) {
-  const int64_t rows = student.size(0), vocab = student.size(1);
-  const int64_t zstride = student.stride(0), tstride = teacher.stride(0);
-  const zs_t* zdata = student.const_data_ptr<zs_t>();
-  const ts_t* tdata = teacher.const_data_ptr<ts_t>();
+                    at::Tensor& grad, bool only_changed, acc_t grad_scale) {
+  const Problem<zs_t, ts_t, acc_t> p(student, teacher, cfg);
   const acc_t* gl = grad_loss.const_data_ptr<acc_t>();
   const int64_t gl_stride = grad_loss.stride(0);  // 0 when autograd expands a scalar
-  const acc_t* st_all = stats.const_data_ptr<acc_t>();
-  zs_t* gdata = grad.mutable_data_ptr<zs_t>();
-  const Mixture<acc_t> w1{acc_t(cfg.w1.s), acc_t(cfg.w1.t), acc_t(cfg.w1.u)};
-  const Mixture<acc_t> w2{acc_t(cfg.w2.s), acc_t(cfg.w2.t), acc_t(cfg.w2.u)};
-  const Needs need = needs_of(w1, w2);
-  const acc_t inv_temp = acc_t(cfg.inv_temperature);
-
-  const int64_t segs = segments_per_row(rows, vocab);
-  const int64_t seg_len = (vocab + segs - 1) / segs;
-  with_needs<kStaticNeeds<zs_t, ts_t, acc_t>>(need, [&](auto nt) {
-    at::parallel_for(0, rows * segs, grain_for(seg_len), [&](int64_t first, int64_t last) {
-      for (int64_t item = first; item < last; ++item) {
-        const int64_t r = item / segs, seg = item % segs;
-        const int64_t begin = seg * seg_len, end = std::min(vocab, begin + seg_len);
-        zs_t* grow = gdata + r * vocab;
-        const acc_t* st = st_all + r * kNumStats;
-        if (st[kRowWeight] == acc_t(0)) {  // ignored token: its gradient is exactly 0
-          std::fill(grow + begin, grow + end, zs_t(0));
-          continue;
-        }
-        const acc_t half_scale = acc_t(0.5) * gl[r * gl_stride] * st[kRowWeight];
-        const GradCoeffs<acc_t> c =
-            grad_coeffs(w1, w2, st[kMean1], st[kMean2], st[kInvCount], half_scale);
-        segment_grad(zdata + r * zstride, tdata + r * tstride, grow, begin, end, st, c, nt,
-                     inv_temp);
-      }
-    });
+  p.grad_rows(stats.const_data_ptr<acc_t>(), grad.mutable_data_ptr<zs_t>(), [&](int64_t r) {
+    const acc_t scale = gl[r * gl_stride];
+    return (only_changed && scale == grad_scale) ? std::nullopt : std::optional<acc_t>(scale);
   });
 }
 
 #define CSD_DISPATCH_FLOATS(TYPE, NAME, ...)                                        \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
+// `grad` undefined: forward only.  Defined: also the gradient for
+// grad_output = grad_scale on every row (the fused forward).
 inline void forward(const at::Tensor& student, const at::Tensor& teacher, const bool* row_mask,
-                    const LossConfig& cfg, at::Tensor& loss, at::Tensor& stats) {
+                    const LossConfig& cfg, at::Tensor& loss, at::Tensor& stats, at::Tensor& grad,
+                    double grad_scale) {
   CSD_DISPATCH_FLOATS(student.scalar_type(), "csd_forward_cpu", [&] {
     using zs_t = scalar_t;
+    zs_t* g = grad.defined() ? grad.mutable_data_ptr<zs_t>() : nullptr;
     CSD_DISPATCH_FLOATS(teacher.scalar_type(), "csd_forward_cpu", [&] {
       using ts_t = scalar_t;
       if (loss.scalar_type() == at::kDouble) {
-        forward_typed<zs_t, ts_t, double>(student, teacher, row_mask, cfg, loss, stats);
+        forward_typed<zs_t, ts_t, double>(student, teacher, row_mask, cfg, loss, stats, g,
+                                          grad_scale);
       } else {
-        forward_typed<zs_t, ts_t, float>(student, teacher, row_mask, cfg, loss, stats);
+        forward_typed<zs_t, ts_t, float>(student, teacher, row_mask, cfg, loss, stats, g,
+                                         float(grad_scale));
       }
     });
   });
@@ -437,15 +626,17 @@ inline void forward(const at::Tensor& student, const at::Tensor& teacher, const 
 
 inline void backward(const at::Tensor& grad_loss, const at::Tensor& student,
                      const at::Tensor& teacher, const at::Tensor& stats, const LossConfig& cfg,
-                     at::Tensor& grad) {
+                     at::Tensor& grad, bool only_changed, double grad_scale) {
   CSD_DISPATCH_FLOATS(student.scalar_type(), "csd_backward_cpu", [&] {
     using zs_t = scalar_t;
     CSD_DISPATCH_FLOATS(teacher.scalar_type(), "csd_backward_cpu", [&] {
       using ts_t = scalar_t;
       if (stats.scalar_type() == at::kDouble) {
-        backward_typed<zs_t, ts_t, double>(grad_loss, student, teacher, stats, cfg, grad);
+        backward_typed<zs_t, ts_t, double>(grad_loss, student, teacher, stats, cfg, grad,
+                                           only_changed, grad_scale);
       } else {
-        backward_typed<zs_t, ts_t, float>(grad_loss, student, teacher, stats, cfg, grad);
+        backward_typed<zs_t, ts_t, float>(grad_loss, student, teacher, stats, cfg, grad,
+                                          only_changed, float(grad_scale));
       }
     });
   });
