@@ -8,7 +8,8 @@ float64 reference (values and gradients) on inputs that hit the awkward
 paths: vocabularies shorter than a vector, odd lengths (scalar tails),
 several tiles, rows split across threads, -inf masks (single entries, whole
 rows, a whole tile), NaN, a large common offset, mixed dtypes, temperature,
-and every weighting.
+and every weighting; gradients both from csd_loss (the fused forward that
+computes them in the forward) and from the standalone backward op.
 
 Run directly (`python test_cpu_kernel_variants.py --check`) it performs the
 checks for whatever variant the environment selects and prints a JSON
@@ -91,8 +92,11 @@ def _check_case(case, seed):
     kw = dict(weighting=w, alpha=alpha, temperature=tau, reduction="none")
     ref = csd_loss_reference(zr, tr, **kw)
     (ref * g_out).sum().backward()
-    got = csd_loss(zk, t, **kw)
+    got = csd_loss(zk, t, **kw)  # requires grad: the fused forward (gradient in the forward)
     (got * g_out.to(got.dtype)).sum().backward()
+    # The standalone backward op, as torch.compile's graphs and no-grad forwards use it.
+    _, stats = torch.ops.csd_ext.csd_forward(z, t, None, w, alpha, tau)
+    grad_op = torch.ops.csd_ext.csd_backward(g_out.to(stats.dtype), z, t, stats, w, alpha, tau)
 
     # Tolerances from fp32 accumulation (fp64 inputs: fp64 accumulation):
     # rounding d moves L by ~eps*|grad|*max|z,t| per entry, the exp and the
@@ -114,7 +118,6 @@ def _check_case(case, seed):
     if dz == torch.float16:  # fp16 gradients also flush below 6e-8 (subnormal steps)
         grad_tol = grad_tol + 6e-8
     loss_err = (got.detach().double() - ref.detach()).abs()
-    grad_err = (zk.grad.double() - zr.grad).abs()
     problems = []
     if not torch.equal(torch.isnan(got.detach()), torch.isnan(ref.detach())):
         problems.append("NaN pattern of the loss differs")
@@ -122,10 +125,12 @@ def _check_case(case, seed):
     if (loss_err[finite] > loss_tol[finite]).any():
         problems.append(f"loss err {(loss_err / loss_tol)[finite].max().item():.3g}x tolerance")
     gfinite = ~torch.isnan(zr.grad)
-    if (grad_err[gfinite] > grad_tol[gfinite]).any():
-        problems.append(f"grad err {(grad_err / grad_tol)[gfinite].max().item():.3g}x tolerance")
-    if (zk.grad[masked] != 0).any():
-        problems.append("masked entries got a nonzero gradient")
+    for label, grad in (("csd_loss", zk.grad), ("csd_backward op", grad_op)):
+        grad_err = (grad.double() - zr.grad).abs()
+        if (grad_err[gfinite] > grad_tol[gfinite]).any():
+            problems.append(f"{label}: grad err {(grad_err / grad_tol)[gfinite].max().item():.3g}x tolerance")
+        if (grad[masked] != 0).any():
+            problems.append(f"{label}: masked entries got a nonzero gradient")
     return name, problems
 
 
