@@ -110,7 +110,7 @@ def target_lines(report, args):
             x = st["eager"][0] / ours
             lines.append(f"- SS bf16 512×50257 fwd+bwd, ≥ 25× faster than eager: {x:.1f}× — {verdict(x >= 25)}")
         gbs, frac = roofline(flag["row"], "fwdbwd", ours, args)
-        lines.append(f"- ≥ 50% of the bandwidth roofline (fwd+bwd moves {flag['row']['bytes']['fwdbwd'] / 1e6:.0f} MB): "
+        lines.append(f"- ≥ 50% of the bandwidth roofline (csd_ext's fwd+bwd moves {flag['row']['bytes']['fwdbwd'] / 1e6:.0f} MB): "
                      f"{100 * frac:.0f}% ({gbs:.1f} GB/s) — {verdict(frac >= 0.5)}")
         mem = flag["row"]["results"]["csd_ext"].get("memory_bytes", {})
         grad_bytes = 512 * 50257 * 2
@@ -245,8 +245,14 @@ def write_results(report, args):
            "memory is returned to the OS (`malloc_trim`), the peak RSS is reset (`/proc/self/clear_refs`), and "
            "extra = peak RSS (VmHWM) during one call − RSS just before it, with the inputs allocated. fwd+bwd "
            "includes the gradient it produces. On CUDA: `max_memory_allocated()` − `memory_allocated()`.",
-           "- Bytes the design must move: forward reads both logit tensors (2·N·V·b); forward+backward also "
-           "re-reads them and writes the gradient (5·N·V·b in total; b = bytes per element). "
+           "- Bytes csd_ext's design must move (b = bytes per element): the forward reads both logit tensors "
+           "(2·N·V·b). " + ("For fwd+bwd csd_ext runs fused here (`csd_forward_grad`: the gradient is written "
+                            "in the forward while each row is in cache and the backward hands it over), so "
+                            "fwd+bwd reads both tensors once and writes the gradient: 3·N·V·b. (The two-pass "
+                            "design — a backward that re-reads both tensors — would move 5·N·V·b.) "
+                            if report.get("fused") else
+                            "fwd+bwd also re-reads them in the backward and writes the gradient: 5·N·V·b. ")
+           + "Freshly allocated gradient pages are zeroed by the OS on first touch; that write is not counted. "
            + ("Roofline on CUDA: achieved GB/s against " + (f"the nominal {args.hbm_gbs} GB/s HBM bandwidth."
                                                             if args.hbm_gbs else "the measured copy bandwidth.")
               if args.device == "cuda" else
