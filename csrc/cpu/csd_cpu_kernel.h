@@ -27,6 +27,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <memory>
 #include <new>
@@ -372,6 +373,32 @@ inline int64_t grain_for(int64_t vocab) {
   return std::max<int64_t>(1, kMinEntriesPerTask / std::max<int64_t>(vocab, 1));
 }
 
+// Runs body(state, first, last) over [0, items) in chunks of `grain` items
+// handed out dynamically, with one make_state() (scratch) per thread.  Unlike
+// at::parallel_for's equal static split, a thread whose core is shared with
+// another process, or is slower, just takes fewer chunks instead of making
+// the others wait for it at the end.  Each item is computed the same way
+// whichever thread takes it, so results stay deterministic.
+template <typename MakeState, typename Body>
+void parallel_chunks(int64_t items, int64_t grain, const MakeState& make_state, const Body& body) {
+  if (items <= 0) return;
+  const int64_t threads =
+      std::min<int64_t>(at::get_num_threads(), (items + grain - 1) / grain);
+  if (threads <= 1 || at::in_parallel_region()) {
+    auto state = make_state();
+    body(state, int64_t(0), items);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t first = next.fetch_add(grain, std::memory_order_relaxed); first < items;
+         first = next.fetch_add(grain, std::memory_order_relaxed)) {
+      body(state, first, std::min(items, first + grain));
+    }
+  });
+}
+
 // Gradient of entries [begin, end) of one row, straight from the logits to
 // the output: two vectors per step (one reduced-precision vector holds two
 // float vectors), a scalar tail.  Masked entries get exactly 0.
@@ -471,7 +498,8 @@ struct Problem {
   template <typename ScaleOf>
   void grad_rows(const acc_t* stats, zs_t* grad, const ScaleOf& scale_of) const {
     with_needs<kStaticNeeds<zs_t, ts_t, acc_t>>(need, [&](auto nt) {
-      at::parallel_for(0, rows * segs, grain_for(seg_len), [&](int64_t first, int64_t last) {
+      parallel_chunks(rows * segs, grain_for(seg_len), [] { return 0; },
+                      [&](int, int64_t first, int64_t last) {
         for (int64_t item = first; item < last; ++item) {
           const int64_t r = item / segs, seg = item % segs;
           const std::optional<acc_t> scale = scale_of(r);
@@ -541,8 +569,10 @@ void forward_typed(const at::Tensor& student, const at::Tensor& teacher, const b
   const bool fused = grad != nullptr && segs == 1;
   std::vector<RowMoments<acc_t>> partial(fused ? 0 : rows * segs);
   with_needs<kStaticNeeds<zs_t, ts_t, acc_t>>(p.need, [&](auto nt) {
-    at::parallel_for(0, rows * segs, grain_for(seg_len), [&](int64_t first, int64_t last) {
-      Scratch<acc_t> sc(p.need, fused, vocab);
+    parallel_chunks(rows * segs, grain_for(seg_len),
+                    [&] { return std::make_unique<Scratch<acc_t>>(p.need, fused, vocab); },
+                    [&](std::unique_ptr<Scratch<acc_t>>& scp, int64_t first, int64_t last) {
+      Scratch<acc_t>& sc = *scp;
       for (int64_t item = first; item < last; ++item) {
         const int64_t r = item / segs, seg = item % segs;
         const bool counted = row_mask == nullptr || row_mask[r];
