@@ -12,6 +12,8 @@ Environment knobs:
                           on x86-64 ("default" elsewhere); the fastest one the CPU
                           supports is picked at run time, like ATen's own kernels.
   MAX_JOBS                parallel compile jobs.
+  CSD_NO_OPENMP=1         build without -fopenmp (the CPU kernel then runs on one thread
+                          when torch's parallel backend is OpenMP).
 """
 
 import os
@@ -63,6 +65,21 @@ def cpu_isas():
     return isas
 
 
+def openmp_flags():
+    """-fopenmp when torch's ATen parallel backend is OpenMP.
+
+    at::parallel_for is a header template: with the OpenMP backend its
+    `#pragma omp parallel` is compiled into *our* objects, so without
+    -fopenmp every parallel_for in the kernel silently runs on one thread.
+    The runtime is the libgomp torch already loads (same soname).
+    """
+    if os.environ.get("CSD_NO_OPENMP", "0") == "1" or not torch.backends.openmp.is_available():
+        return []
+    if platform.system() == "Darwin":  # Apple clang needs -Xpreprocessor and a separate libomp
+        return []
+    return ["-fopenmp"]
+
+
 def want_cuda():
     force = os.environ.get("FORCE_CUDA", "0") == "1"
     has_toolkit = cpp_extension.CUDA_HOME is not None and os.path.exists(
@@ -96,6 +113,7 @@ class BuildExtension(cpp_extension.BuildExtension):
 
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
         common = ["-O3", "-std=c++17", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C"]
+        common += openmp_flags()
         include_dirs = list(ext.include_dirs) + [sysconfig.get_paths()["include"]]
         out_dir = os.path.join(self.build_temp, "cpu_isa")
 
@@ -118,7 +136,8 @@ def make_extension():
     isas = cpu_isas()
     define_macros = [(f"CSD_HAVE_{isa.upper()}", "1") for isa in isas if isa != "default"]
     sources = [os.path.join(CSRC, "csd_ops.cpp"), os.path.join(CSRC, "cpu", "csd_cpu.cpp")]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++17"] + openmp_flags()
+    link_flags = openmp_flags()
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         cuda_dir = os.path.join(CSRC, "cuda")
@@ -127,11 +146,13 @@ def make_extension():
         nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=-v", "--expt-relaxed-constexpr"]
         ext = cpp_extension.CUDAExtension(
             "csd_ext._C", sources, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags + [f"-Xcompiler={f}" for f in openmp_flags()]},
+            extra_link_args=link_flags,
         )
     else:
         ext = cpp_extension.CppExtension(
             "csd_ext._C", sources, define_macros=define_macros, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     ext.isa_sources = {isa: os.path.join(CSRC, "cpu", "isa", f"csd_cpu_{isa}.cpp") for isa in isas}
     return ext

@@ -9,6 +9,17 @@ The ops themselves are defined in C++ (csrc/csd_ops.cpp, TORCH_LIBRARY):
 
 The backward is itself a registered op, so torch.compile traces through the
 whole loss without a graph break and the compiled backward calls our kernel.
+
+In eager mode, when the student requires grad, csd_loss uses the fused pair
+instead (see `fused_csd`):
+
+    csd_ext::csd_forward_grad(..., grad_scale) -> (loss, stats, grad_student)
+    csd_ext::csd_backward_reuse_(grad_loss, ..., grad_student(a!), ..., grad_scale)
+
+The forward writes the gradient for grad_loss = grad_scale while each row is
+still in cache; the backward hands that tensor over, recomputing in place
+only the rows whose grad_loss differs (for a mean or sum backward from 1.0,
+none).  This saves re-reading both [N, V] logit tensors in the backward.
 """
 
 import torch
@@ -45,6 +56,18 @@ def _csd_backward_fake(grad_loss, student, teacher, stats, weighting, alpha, tem
     return student.new_empty(student.shape)
 
 
+@torch.library.register_fake("csd_ext::csd_forward_grad")
+def _csd_forward_grad_fake(student, teacher, row_mask, weighting, alpha, temperature, grad_scale):
+    loss, stats = _csd_forward_fake(student, teacher, row_mask, weighting, alpha, temperature)
+    return loss, stats, student.new_empty(student.shape)
+
+
+@torch.library.register_fake("csd_ext::csd_backward_reuse_")
+def _csd_backward_reuse_fake(grad_loss, student, teacher, stats, grad_student, weighting, alpha, temperature,
+                             grad_scale):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
     student, teacher, _row_mask, weighting, alpha, temperature = inputs
     _loss, stats = output
@@ -68,6 +91,63 @@ def _backward(ctx, grad_loss, _grad_stats):
 
 
 torch.library.register_autograd("csd_ext::csd_forward", _backward, setup_context=_setup_context)
+
+
+def has_fused_kernel(device: torch.device) -> bool:
+    """Whether csd_forward_grad / csd_backward_reuse_ have a kernel for `device`."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return key is not None and has("csd_ext::csd_forward_grad", key) and has("csd_ext::csd_backward_reuse_", key)
+
+
+class _FusedCSD(torch.autograd.Function):
+    """Eager-mode autograd of the fused pair (module docstring).  The
+    precomputed gradient is held by ctx and handed over exactly once, so
+    autograd can adopt it as .grad without a copy.  A second backward through
+    the same graph (retain_graph=True) reruns csd_forward_grad, which gives
+    bit-identical results (the first may since have been modified in place
+    as .grad)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, row_mask, weighting, alpha, temperature, grad_scale):
+        loss, stats, grad = torch.ops.csd_ext.csd_forward_grad(
+            student, teacher, row_mask, weighting, alpha, temperature, grad_scale)
+        ctx.save_for_backward(student, teacher, row_mask, stats)
+        ctx.grad = grad
+        ctx.params = (weighting, alpha, temperature)
+        ctx.grad_scale = grad_scale
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        student, teacher, row_mask, stats = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            _, stats, grad = torch.ops.csd_ext.csd_forward_grad(student, teacher, row_mask, *ctx.params,
+                                                                ctx.grad_scale)
+        torch.ops.csd_ext.csd_backward_reuse_(grad_loss, student, teacher, stats, grad, *ctx.params,
+                                              ctx.grad_scale)
+        grad_student = grad if ctx.needs_input_grad[0] else None
+        # d/dt of the stop-gradient objective is the negative of d/dz.
+        grad_teacher = grad.neg().to(teacher.dtype) if ctx.needs_input_grad[1] else None
+        return grad_student, grad_teacher, None, None, None, None, None
+
+
+def fused_csd(student, teacher, row_mask, weighting, alpha, temperature, grad_scale):
+    """Per-row loss through the fused pair; grad_scale is the grad_loss the
+    caller expects for every row (1/count for a mean, 1 for a sum)."""
+    return _FusedCSD.apply(student, teacher, row_mask, weighting, alpha, temperature, grad_scale)
+
+
+def use_fused(student: torch.Tensor, teacher: torch.Tensor) -> bool:
+    """Eager mode, grad enabled, an input that needs it, and a fused kernel
+    for the device.  Under torch.compile the op pair is traced instead."""
+    return (
+        torch.is_grad_enabled()
+        and (student.requires_grad or teacher.requires_grad)
+        and not torch.compiler.is_compiling()
+        and has_fused_kernel(student.device)
+    )
 
 
 def compiled_backends() -> tuple:

@@ -87,10 +87,17 @@ def csd_loss(
     check_reduction(reduction)
 
     row_mask = row_mask_of(labels, ignore_index)
-    per_row, _stats = torch.ops.csd_ext.csd_forward(
-        flatten_logits(student_logits), flatten_logits(teacher_logits), row_mask,
-        weighting, alpha, temperature,
-    )
+    student, teacher = flatten_logits(student_logits), flatten_logits(teacher_logits)
+    if _ops.use_fused(student, teacher):
+        # The gradient is computed in the forward for the grad_loss this
+        # reduction will hand back after a backward from 1.0.
+        grad_scale = 1.0
+        if reduction == "mean":
+            count = student.shape[0] if row_mask is None else int(row_mask.sum())
+            grad_scale = 1.0 / max(count, 1)
+        per_row = _ops.fused_csd(student, teacher, row_mask, weighting, alpha, temperature, grad_scale)
+    else:
+        per_row, _stats = torch.ops.csd_ext.csd_forward(student, teacher, row_mask, weighting, alpha, temperature)
     return reduce_rows(per_row, row_mask, student_logits.shape[:-1], reduction)
 
 

@@ -308,5 +308,51 @@ CSD_HD T element_grad(const T& w1, const T& w2, const T& d, const T& mean1,
   return half_scale * (w1 * (d - mean2) + w2 * (d - mean1));
 }
 
+// The same gradient regrouped by base distribution, for kernels that want
+// the fewest operations per element.  With e_k = d_k - mean1 and
+// dm = mean1 - mean2 (so d_k - mean2 = e_k + dm),
+//   g_k = half_scale * [(w1_k + w2_k) e_k + w1_k dm]
+//       = S_k (s_d e_k + s_k) + T_k (t_d e_k + t_k) + (u_d e_k + u_k),
+// every coefficient a per-row constant (U_k = 1/count folded into u_d, u_k).
+// Centring on mean1 first keeps the rounding of the original form: e_k is
+// one subtraction, and for w1 = w2 (SS, TT, UU, MM) dm is exactly 0, so the
+// gradient is exactly 0 wherever d_k = mean1.
+template <typename acc_t>
+struct GradCoeffs {
+  acc_t pivot;     // mean1
+  acc_t s_d, s_k;  // multiply S_k
+  acc_t t_d, t_k;  // multiply T_k
+  acc_t u_d, u_k;  // the part without a softmax weight
+};
+
+template <typename acc_t>
+CSD_HD GradCoeffs<acc_t> grad_coeffs(const Mixture<acc_t>& w1, const Mixture<acc_t>& w2,
+                                     acc_t mean1, acc_t mean2, acc_t inv_count,
+                                     acc_t half_scale) {
+  const acc_t dm = mean1 - mean2;
+  GradCoeffs<acc_t> c;
+  c.pivot = mean1;
+  c.s_d = half_scale * (w1.s + w2.s);
+  c.s_k = half_scale * w1.s * dm;
+  c.t_d = half_scale * (w1.t + w2.t);
+  c.t_k = half_scale * w1.t * dm;
+  c.u_d = half_scale * (w1.u + w2.u) * inv_count;
+  c.u_k = half_scale * w1.u * dm * inv_count;
+  return c;
+}
+
+// One element from the regrouped coefficients; T is a scalar or a
+// Vectorized.  ws / wt are S_k / T_k; a term whose base distribution is not
+// in `need` is skipped, so its weight may be anything (e.g. 0).
+template <typename T, typename acc_t>
+CSD_HD T element_grad_regrouped(const GradCoeffs<acc_t>& c, const Needs& need, const T& ws,
+                                const T& wt, const T& d) {
+  const T e = d - T(c.pivot);
+  T g = need.u ? T(c.u_d) * e + T(c.u_k) : T(0);
+  if (need.s) g = g + ws * (T(c.s_d) * e + T(c.s_k));
+  if (need.t) g = g + wt * (T(c.t_d) * e + T(c.t_k));
+  return g;
+}
+
 CSD_FUNCTIONS_END
 }  // namespace csd

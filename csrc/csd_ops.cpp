@@ -5,6 +5,15 @@
 //               alpha, temperature) -> (loss [N], stats [N, kNumStats])
 //   csd_backward(grad_loss [N], student, teacher, stats, weighting, alpha,
 //                temperature) -> grad_student [N,V]
+//   csd_forward_grad(student, teacher, row_mask?, weighting, alpha, temperature,
+//                    grad_scale) -> (loss, stats, grad_student)
+//       the forward plus the gradient for grad_loss = grad_scale on every row,
+//       computed while each row is in cache (eager autograd uses it when the
+//       student requires grad; optional per backend);
+//   csd_backward_reuse_(grad_loss, student, teacher, stats, grad_student(a!),
+//                       weighting, alpha, temperature, grad_scale) -> ()
+//       turns that gradient into the one for grad_loss, in place: rows whose
+//       grad_loss is not grad_scale are recomputed.
 // loss and stats are float32, or float64 when either input is float64.
 #include <Python.h>
 #include <torch/library.h>
@@ -88,4 +97,11 @@ TORCH_LIBRARY(csd_ext, m) {
   m.def(
       "csd_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, "
       "str weighting, float alpha, float temperature) -> Tensor");
+  m.def(
+      "csd_forward_grad(Tensor student, Tensor teacher, Tensor? row_mask, str weighting, "
+      "float alpha, float temperature, float grad_scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "csd_backward_reuse_(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, "
+      "Tensor(a!) grad_student, str weighting, float alpha, float temperature, "
+      "float grad_scale) -> ()");
 }

@@ -10,14 +10,15 @@
 namespace csd::cpu {
 
 void forward_avx512(const at::Tensor& student, const at::Tensor& teacher, const bool* row_mask,
-                const LossConfig& cfg, at::Tensor& loss, at::Tensor& stats) {
-  AVX512::forward(student, teacher, row_mask, cfg, loss, stats);
+                const LossConfig& cfg, at::Tensor& loss, at::Tensor& stats, at::Tensor& grad,
+                double grad_scale) {
+  AVX512::forward(student, teacher, row_mask, cfg, loss, stats, grad, grad_scale);
 }
 
 void backward_avx512(const at::Tensor& grad_loss, const at::Tensor& student,
                  const at::Tensor& teacher, const at::Tensor& stats, const LossConfig& cfg,
-                 at::Tensor& grad) {
-  AVX512::backward(grad_loss, student, teacher, stats, cfg, grad);
+                 at::Tensor& grad, bool only_changed, double grad_scale) {
+  AVX512::backward(grad_loss, student, teacher, stats, cfg, grad, only_changed, grad_scale);
 }
 
 }  // namespace csd::cpu
