@@ -11,7 +11,7 @@
 //                     blocks per SM are wanted; a second kernel (a warp per
 //                     row, cub::WarpReduce) merges the segments' states.
 // The backward needs no reduction: it always cuts long rows into 16384-
-// element segments (one 256-thread block each, 4 chunk steps per thread),
+// element segments (one 256-thread block each, 8 chunk steps per thread),
 // and gives short rows a warp each.
 #pragma once
 
