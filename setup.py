@@ -7,7 +7,10 @@ Environment knobs:
                           (needs a CUDA build of torch and CUDA_HOME).
   CUDA_HOME               the CUDA toolkit's root (the directory holding bin/nvcc).
   TORCH_CUDA_ARCH_LIST    GPU architectures; default "8.0;8.6;8.9;9.0"
-                          (Ampere A100/A10/RTX 30, Ada L4/RTX 40, Hopper H100/H200).
+                          (Ampere A100/A10/RTX 30, Ada L4/RTX 40, Hopper H100/H200);
+                          e.g. "9.0;10.0" adds Blackwell, "8.0;9.0+PTX" adds PTX.
+                          nvcc runs with -Xptxas=-v: the build log lists every
+                          kernel's registers and spills (.ci/ptxas_summary.py).
   CSD_CPU_ISAS            CPU kernel variants to build, default "default,avx2,avx512"
                           on x86-64 ("default" elsewhere); the fastest one the CPU
                           supports is picked at run time, like ATen's own kernels.
