@@ -100,8 +100,11 @@ PY
 )
 
 step "register use and spills (ptxas -v)"
-python3 "$ROOT/.ci/ptxas_summary.py" "$LOG" --fail-on-spills | tee "$LOG_DIR/ptxas_summary.txt"
-status=${PIPESTATUS[0]}
+set +e
+"$VENV/bin/python" "$ROOT/.ci/ptxas_summary.py" "$LOG" --fail-on-spills > "$LOG_DIR/ptxas_summary.txt"
+status=$?
+set -e
+cat "$LOG_DIR/ptxas_summary.txt"
 if [[ $status -ne 0 ]]; then
   echo "cuda_build_check: FAILED: register spills in csd kernels (or no ptxas output); see $LOG" >&2
   exit 1
