@@ -7,7 +7,10 @@ Environment knobs:
                           (needs a CUDA build of torch and CUDA_HOME).
   CUDA_HOME               the CUDA toolkit's root (the directory holding bin/nvcc).
   TORCH_CUDA_ARCH_LIST    GPU architectures; default "8.0;8.6;8.9;9.0"
-                          (Ampere A100/A10/RTX 30, Ada L4/RTX 40, Hopper H100/H200).
+                          (Ampere A100/A10/RTX 30, Ada L4/RTX 40, Hopper H100/H200);
+                          e.g. "9.0;10.0" adds Blackwell, "8.0;9.0+PTX" adds PTX.
+                          nvcc runs with -Xptxas=-v: the build log lists every
+                          kernel's registers and spills (.ci/ptxas_summary.py).
   CSD_CPU_ISAS            CPU kernel variants to build, default "default,avx2,avx512"
                           on x86-64 ("default" elsewhere); the fastest one the CPU
                           supports is picked at run time, like ATen's own kernels.
@@ -16,6 +19,7 @@ Environment knobs:
                           when torch's parallel backend is OpenMP).
 """
 
+import glob
 import os
 import platform
 import sys
@@ -51,6 +55,20 @@ def read_version():
     with open(os.path.join(ROOT, "csd_ext", "_version.py")) as f:
         exec(f.read(), scope)
     return scope["__version__"]
+
+
+def cxx_standard():
+    """The C++ standard this torch's headers need: C++17 up to torch 2.13,
+    C++20 from 2.14 (ATen/ATen.h stops with #error below it)."""
+    aten = os.path.join(os.path.dirname(torch.__file__), "include", "ATen", "ATen.h")
+    try:
+        with open(aten) as f:
+            return "c++20" if "202002L" in f.read() else "c++17"
+    except OSError:
+        return "c++17"
+
+
+CXX_STD = "-std=" + cxx_standard()
 
 
 def cpu_isas():
@@ -92,6 +110,25 @@ def want_cuda():
     return has_toolkit and torch.version.cuda is not None and (force or torch.cuda.is_available())
 
 
+def add_pip_cuda_headers():
+    """Lets the compilers find the cuBLAS/cuSPARSE/cuSOLVER headers that torch's
+    CUDA headers include, from the nvidia-* wheels that torch's pip install
+    brings (site-packages/nvidia/cu13/include, or nvidia/<lib>/include for
+    CUDA 12), when the toolkit at CUDA_HOME lacks them.  They go on CPATH,
+    which is searched after every -I, so the toolkit's own headers win."""
+    toolkit_include = os.path.join(cpp_extension.CUDA_HOME, "include")
+    if os.path.exists(os.path.join(toolkit_include, "cusparse.h")):
+        return
+    root = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
+    dirs = sorted(
+        d for d in glob.glob(os.path.join(root, "*", "include"))
+        if any(os.path.exists(os.path.join(d, h)) for h in ("cusparse.h", "cublas_v2.h", "cusolverDn.h"))
+    )
+    if dirs:
+        old = os.environ.get("CPATH")
+        os.environ["CPATH"] = os.pathsep.join(dirs + ([old] if old else []))
+
+
 class BuildExtension(cpp_extension.BuildExtension):
     """torch's BuildExtension, plus one object per CPU instruction set.
 
@@ -112,7 +149,7 @@ class BuildExtension(cpp_extension.BuildExtension):
         from setuptools._distutils.sysconfig import customize_compiler
 
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-        common = ["-O3", "-std=c++17", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C"]
+        common = ["-O3", CXX_STD, "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C"]
         common += openmp_flags()
         include_dirs = list(ext.include_dirs) + [sysconfig.get_paths()["include"]]
         out_dir = os.path.join(self.build_temp, "cpu_isa")
@@ -136,14 +173,15 @@ def make_extension():
     isas = cpu_isas()
     define_macros = [(f"CSD_HAVE_{isa.upper()}", "1") for isa in isas if isa != "default"]
     sources = [os.path.join(CSRC, "csd_ops.cpp"), os.path.join(CSRC, "cpu", "csd_cpu.cpp")]
-    cxx_flags = ["-O3", "-std=c++17"] + openmp_flags()
+    cxx_flags = ["-O3", CXX_STD] + openmp_flags()
     link_flags = openmp_flags()
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        add_pip_cuda_headers()
         cuda_dir = os.path.join(CSRC, "cuda")
         sources += sorted(os.path.join(cuda_dir, f) for f in os.listdir(cuda_dir) if f.endswith((".cu", ".cpp")))
         define_macros.append(("CSD_WITH_CUDA", "1"))
-        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=-v", "--expt-relaxed-constexpr"]
+        nvcc_flags = ["-O3", CXX_STD, "-lineinfo", "-Xptxas=-v", "--expt-relaxed-constexpr"]
         ext = cpp_extension.CUDAExtension(
             "csd_ext._C", sources, define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags + [f"-Xcompiler={f}" for f in openmp_flags()]},

@@ -31,5 +31,9 @@ LossConfig make_config(const std::string& weighting, double alpha, double temper
 void check_logits(const at::Tensor& student, const at::Tensor& teacher);
 void check_row_mask(const std::optional<at::Tensor>& row_mask, const at::Tensor& student);
 at::ScalarType accumulate_type_of(const at::Tensor& student, const at::Tensor& teacher);
+// Checks csd_backward's grad_loss [N] and stats [N, kNumStats] (contiguous,
+// of the accumulation type) against the logits, including their device.
+void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& stats,
+                           const at::Tensor& student, const at::Tensor& teacher);
 
 }  // namespace csd

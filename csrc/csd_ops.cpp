@@ -88,6 +88,22 @@ at::ScalarType accumulate_type_of(const at::Tensor& student, const at::Tensor& t
              : at::kFloat;
 }
 
+void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& stats,
+                           const at::Tensor& student, const at::Tensor& teacher) {
+  const int64_t rows = student.size(0);
+  const auto acc = accumulate_type_of(student, teacher);
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == kNumStats &&
+                        stats.scalar_type() == acc && stats.is_contiguous(),
+                    "stats must be the contiguous [", rows, ", ", int(kNumStats), "] ", acc,
+                    " tensor returned by csd_forward");
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == rows,
+                    "grad_loss must have shape [", rows, "], got ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(stats.device() == student.device(), "stats is on ", stats.device(),
+                    " but student_logits is on ", student.device());
+  TORCH_CHECK_VALUE(grad_loss.device() == student.device(), "grad_loss is on ",
+                    grad_loss.device(), " but student_logits is on ", student.device());
+}
+
 }  // namespace csd
 
 TORCH_LIBRARY(csd_ext, m) {

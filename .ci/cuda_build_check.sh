@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# CUDA build check for machines without a GPU (the GPU tests skip there, so
+# this stands in for them): builds csd_ext with its CUDA kernels against the
+# CUDA build of torch, checks that the CUDA implementations of both ops are
+# registered, and fails on any compile or link error or on any register
+# spill in a csd kernel.
+#
+#   .ci/cuda_build_check.sh [PYTHON]
+#
+# PYTHON (optional) is the interpreter that creates the venv on first use
+# (default python3).  Without a CUDA toolkit the check is skipped (exit 0)
+# unless CSD_REQUIRE_CUDA_BUILD=1, as CI sets, which makes that a failure.
+#
+# Environment:
+#   CSD_CUDA_VENV     venv with the CUDA build of torch, created on first use
+#                     (default ~/.cache/csd_ext/cuda-venv, outside the clone)
+#   CSD_CUDA_TORCH    what pip installs there (default torch==2.14.1, cu130)
+#   CUDA_HOME         CUDA toolkit root (default: from nvcc on PATH, else /usr/local/cuda)
+#   TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;8.6;8.9;9.0", see setup.py)
+#   MAX_JOBS          parallel compile jobs (default 2)
+#   CSD_CUDA_LOG_DIR  where build.log (full nvcc/ptxas -v output) and
+#                     ptxas_summary.txt are kept (default build/cuda-check)
+# The build runs in a temporary copy of the tracked sources, so the clone's
+# own (CPU) build is untouched.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${CSD_CUDA_VENV:-$HOME/.cache/csd_ext/cuda-venv}"
+TORCH_SPEC="${CSD_CUDA_TORCH:-torch==2.14.1}"
+LOG_DIR="${CSD_CUDA_LOG_DIR:-$ROOT/build/cuda-check}"
+export MAX_JOBS="${MAX_JOBS:-2}"
+if [[ -z "${CUDA_HOME:-}" ]]; then
+  if command -v nvcc >/dev/null 2>&1; then
+    # nvcc reports its real location, also behind a wrapper script such as
+    # /usr/local/bin/nvcc that execs the toolkit's bin/nvcc.
+    nvcc_bin="$(nvcc -dryrun -E -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -n1)"
+    CUDA_HOME="$(cd "${nvcc_bin:-$(dirname "$(readlink -f "$(command -v nvcc)")")}/.." && pwd)"
+  else
+    CUDA_HOME=/usr/local/cuda
+  fi
+fi
+export CUDA_HOME
+start=$(date +%s)
+step() { echo "== cuda_build_check: $* ($(( $(date +%s) - start )) s)"; }
+
+if [[ ! -x "$CUDA_HOME/bin/nvcc" ]]; then
+  if [[ "${CSD_REQUIRE_CUDA_BUILD:-0}" == "1" ]]; then
+    echo "cuda_build_check: FAILED: no nvcc under CUDA_HOME=$CUDA_HOME (CSD_REQUIRE_CUDA_BUILD=1); set CUDA_HOME to the CUDA toolkit root" >&2
+    exit 1
+  fi
+  echo "cuda_build_check: SKIPPED: no CUDA toolkit (no nvcc under CUDA_HOME=$CUDA_HOME); set CSD_REQUIRE_CUDA_BUILD=1 to make this an error"
+  exit 0
+fi
+
+step "venv $VENV"
+if [[ ! -x "$VENV/bin/python" ]]; then
+  "${1:-python3}" -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c 'import torch, numpy, ninja, setuptools, wheel; assert torch.version.cuda' 2>/dev/null; then
+  "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC" numpy ninja setuptools wheel
+fi
+"$VENV/bin/python" -c 'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")'
+
+step "copy tracked sources"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/csd_cuda_check.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - --ignore-failed-read 2>/dev/null) |
+  (cd "$WORK" && tar -xf -)
+
+mkdir -p "$LOG_DIR"
+LOG="$LOG_DIR/build.log"
+step "build with FORCE_CUDA=1, CUDA_HOME=$CUDA_HOME, MAX_JOBS=$MAX_JOBS, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-<setup.py default>} (log: $LOG)"
+build_start=$(date +%s)
+set +e
+(cd "$WORK" && FORCE_CUDA=1 "$VENV/bin/python" setup.py build_ext --inplace) > "$LOG" 2>&1
+rc=$?
+set -e
+build_s=$(( $(date +%s) - build_start ))
+if [[ $rc -ne 0 ]]; then
+  grep -n -E "error|Error|undefined reference" "$LOG" | head -n 40 >&2 || true
+  echo "cuda_build_check: FAILED: the CUDA build failed (exit $rc) after ${build_s} s; full log: $LOG" >&2
+  exit 1
+fi
+step "build ok in ${build_s} s"
+
+step "import and check registrations"
+(cd "$WORK" && "$VENV/bin/python" - <<'PY'
+import torch
+import csd_ext
+
+has = torch._C._dispatch_has_kernel_for_dispatch_key
+backends = csd_ext.compiled_backends()
+print("compiled_backends:", backends)
+assert "cuda" in backends, f"csd_ext was built without CUDA kernels: {backends}"
+for op in ("csd_ext::csd_forward", "csd_ext::csd_backward"):
+    for key in ("CPU", "CUDA"):
+        assert has(op, key), f"{op} has no {key} kernel"
+    print(f"{op}: CPU and CUDA kernels registered")
+PY
+)
+
+step "register use and spills (ptxas -v)"
+set +e
+"$VENV/bin/python" "$ROOT/.ci/ptxas_summary.py" "$LOG" --fail-on-spills > "$LOG_DIR/ptxas_summary.txt"
+status=$?
+set -e
+cat "$LOG_DIR/ptxas_summary.txt"
+if [[ $status -ne 0 ]]; then
+  echo "cuda_build_check: FAILED: register spills in csd kernels (or no ptxas output); see $LOG" >&2
+  exit 1
+fi
+echo "cuda_build_check: passed (build ${build_s} s, total $(( $(date +%s) - start )) s); log $LOG"

@@ -1,0 +1,25 @@
+// Dtype dispatch shared by the forward and backward launchers: the student
+// and teacher dtypes are dispatched independently (any of fp32, bf16, fp16,
+// fp64 each), and the accumulation type follows from them (fp64 only when
+// one of them is fp64).  16 instantiations per kernel; the weighting,
+// temperature and row length are runtime arguments, so they add none.
+#pragma once
+
+#include <ATen/Dispatch.h>
+
+#include <type_traits>
+
+#define CSD_CUDA_DISPATCH_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+// Runs BODY with zs_t, ts_t and acc_t defined.
+#define CSD_CUDA_DISPATCH_PAIR(STUDENT, TEACHER, NAME, ...)                                     \
+  CSD_CUDA_DISPATCH_FLOATS(STUDENT, NAME, [&] {                                                 \
+    using zs_t = scalar_t;                                                                      \
+    CSD_CUDA_DISPATCH_FLOATS(TEACHER, NAME, [&] {                                               \
+      using ts_t = scalar_t;                                                                    \
+      using acc_t = std::conditional_t<std::is_same_v<zs_t, double> || std::is_same_v<ts_t, double>, \
+                                       double, float>;                                          \
+      __VA_ARGS__();                                                                            \
+    });                                                                                         \
+  })

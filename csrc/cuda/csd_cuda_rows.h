@@ -1,0 +1,337 @@
+// How one group of GPU threads walks a row segment: the alignment prologue,
+// the 16-byte vector body, the tail, and what each thread does per chunk.
+//
+// Everything here is __host__ __device__ and free of CUDA and torch headers,
+// so tests/cpp/test_csd_cuda_rows.cpp replays a thread group lane by lane on
+// the CPU and checks that every element is visited exactly once, that every
+// vector access is aligned, and that the merged result is right.  The
+// kernels (csd_cuda_forward.cu, csd_cuda_backward.cu) only add the launch,
+// the CUB reductions and the writes of the results.
+//
+// A row segment is n contiguous elements (vocabulary stride 1), covered by a
+// group of G threads (a warp, or a whole block):
+//   * vector mode, when the student, the teacher (and, in the backward, the
+//     gradient) all reach W-element-vector alignment after the same number of
+//     elements `head` (< W): the body that follows is read as W-element
+//     vectors of 16 bytes (of the wider dtype); lane l also takes head
+//     element l and tail element l (fewer than W of each, and W <= G);
+//   * scalar mode, when their alignments differ: the whole segment is the
+//     body, read one element at a time.
+// The body is walked in steps of G*E elements; in each step lane l takes the
+// E contiguous elements at l*E (K = E/W vectors, at constant offsets from one
+// pointer, which keeps address registers down).  It converts them to acc_t
+// at once and hands them to the pass as one chunk.  The loads of the next
+// step are issued before the current chunk's math, so a thread always has a
+// chunk in flight.  One extra step carries the head and tail elements; every
+// step runs the same chunk code, so each kernel holds one copy of it.
+#pragma once
+
+#include <cstdint>
+
+#include "../csd_math.h"
+
+namespace csd {
+namespace gpu {
+
+// Elements per vector load and per chunk, for a student/teacher dtype pair.
+// A vector is 16 bytes of the wider of the two dtypes (the narrower one is
+// read with 8- or 4-byte loads of the same number of elements).  A chunk is
+// 8 elements (4 with an fp64 input): enough to spread the per-chunk cost of
+// csd::merge (two exps and a division per distribution), few enough that the
+// forward fits in 128 registers without spilling (16 did not; see
+// docs/kernels.md and the -Xptxas -v output of the build).
+template <typename zs_t, typename ts_t>
+struct Shape {
+  static constexpr int kWidest = sizeof(zs_t) > sizeof(ts_t) ? int(sizeof(zs_t)) : int(sizeof(ts_t));
+  static constexpr int kVec = 16 / kWidest;
+  static constexpr int kChunk = kWidest == 8 ? 4 : 8;
+  static_assert(kChunk % kVec == 0 && kChunk >= 2,
+                "a chunk is a whole number of vectors, with room for a head and a tail element");
+};
+
+// The C++ unit test defines this to check that every vector access is aligned
+// (x86 would not fault on a misaligned one; a GPU does).
+#ifndef CSD_CHECK_VECTOR_ALIGNMENT
+#define CSD_CHECK_VECTOR_ALIGNMENT(ptr, bytes)
+#endif
+
+// W elements of T, aligned to their size so that one instruction moves them.
+template <typename T, int W>
+struct alignas(sizeof(T) * W) VecOf {
+  T v[W];
+};
+
+template <int W, typename T>
+CSD_HD VecOf<T, W> load_vec(const T* p) {
+  CSD_CHECK_VECTOR_ALIGNMENT(p, sizeof(T) * W);
+  return *reinterpret_cast<const VecOf<T, W>*>(p);
+}
+
+template <int W, typename T>
+CSD_HD void store_vec(T* p, const VecOf<T, W>& x) {
+  CSD_CHECK_VECTOR_ALIGNMENT(p, sizeof(T) * W);
+  *reinterpret_cast<VecOf<T, W>*>(p) = x;
+}
+
+// Elements to skip from p before p + k is aligned for W-element vectors.
+// (Tensor data is always aligned to its element size.)
+template <int W, typename T>
+CSD_HD int elements_to_alignment(const T* p) {
+  const uintptr_t e = reinterpret_cast<uintptr_t>(p) / sizeof(T);
+  return int((W - int(e % W)) % W);
+}
+
+// Positions within a row are 32-bit (the op checks V < kMaxVocab); row
+// offsets, which exceed 2^31 for large N*V, are 64-bit in the kernels.
+constexpr int kMaxVocab = 1 << 30;
+
+struct RowPlan {
+  int head;         // scalar elements before the vector body (< W)
+  int nvec;         // W-element vectors in the body
+  int tail;         // scalar elements after the body (< W)
+  bool vectorized;  // false: the pointers' alignments differ; the body is all n elements
+};
+
+// skip_* are elements_to_alignment of each pointer the pass reads or writes.
+template <int W>
+CSD_HD RowPlan plan_row(int n, int skip_a, int skip_b, int skip_c) {
+  if (skip_a != skip_b || skip_a != skip_c) return {0, 0, 0, false};
+  const int head = skip_a < n ? skip_a : n;
+  const int nvec = (n - head) / W;
+  return {head, nvec, n - head - nvec * W, true};
+}
+
+// Loads the elements at + i, i < min(E, left), of z and t into zr/tr (K
+// vectors of W); positions past `left` get zeros.
+template <int E, int W, typename zs_t, typename ts_t>
+CSD_HD void fetch_body(VecOf<zs_t, W> (&zr)[E / W], VecOf<ts_t, W> (&tr)[E / W], const zs_t* z,
+                       const ts_t* t, int at, int left, bool vectorized) {
+  constexpr int K = E / W;
+  if (vectorized) {  // `left` is a multiple of W: a vector is wholly in or out
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const bool in = k * W < left;
+      zr[k] = in ? load_vec<W>(z + at + k * W) : VecOf<zs_t, W>{};
+      tr[k] = in ? load_vec<W>(t + at + k * W) : VecOf<ts_t, W>{};
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const int i = k * W + j;
+        zr[k].v[j] = i < left ? z[at + i] : zs_t{};
+        tr[k].v[j] = i < left ? t[at + i] : ts_t{};
+      }
+    }
+  }
+}
+
+// Walks this lane's share of the segment [0, n) in chunks of E elements.
+// f(z, t, valid, out) sees each chunk (converted to acc_t; `valid` marks the
+// positions that hold an element); with `out` != nullptr, f's out[] is
+// stored (as zs_t) to the same positions of `out`.  With read == false
+// nothing is loaded (every position is invalid) but out is still written.
+template <int E, typename acc_t, typename zs_t, typename ts_t, typename F>
+CSD_HD void walk_segment(const zs_t* z, const ts_t* t, zs_t* out, int n, int lane, int group,
+                         bool read, F& f) {
+  constexpr int W = Shape<zs_t, ts_t>::kVec;
+  constexpr int K = E / W;
+  using ZV = VecOf<zs_t, W>;
+  using TV = VecOf<ts_t, W>;
+  const int skip = elements_to_alignment<W>(z);
+  const int skip_out =
+      out != nullptr ? elements_to_alignment<W>(static_cast<const zs_t*>(out)) : skip;
+  const RowPlan p = plan_row<W>(n, skip, elements_to_alignment<W>(t), skip_out);
+  const bool vec = p.vectorized;
+  const int head = p.head, tail = p.tail;
+  const int body = vec ? p.nvec * W : n;  // elements in the body, from `head` on
+  const int step = group * E;
+  const int steps = (body + step - 1) / step;  // the same for every lane
+  const int first = head + lane * E;           // this lane's chunk in step 0
+  const int tail_at = head + body;
+
+  // Raw chunk of step s: the body, or the head and tail elements (flat
+  // positions 0 and 1) when s == steps.
+  ZV zr[K] = {};
+  TV tr[K] = {};
+  auto fetch = [&](int s) {
+    if (s < steps) {
+      fetch_body<E>(zr, tr, z, t, first + s * step, body - (lane * E + s * step), vec);
+      return;
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      zr[k] = ZV{};
+      tr[k] = TV{};
+    }
+    if (lane < head) {
+      zr[0].v[0] = z[lane];
+      tr[0].v[0] = t[lane];
+    }
+    if (lane < tail) {
+      zr[1 / W].v[1 % W] = z[tail_at + lane];
+      tr[1 / W].v[1 % W] = t[tail_at + lane];
+    }
+  };
+  if (read) fetch(0);
+#pragma unroll 1
+  for (int s = 0; s <= steps; ++s) {
+    acc_t zc[E], tc[E], res[E] = {};
+    bool valid[E];
+    const int left = body - (lane * E + s * step);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const int i = k * W + j;
+        // Converted right after the load: all math is in acc_t.
+        zc[i] = static_cast<acc_t>(zr[k].v[j]);
+        tc[i] = static_cast<acc_t>(tr[k].v[j]);
+        valid[i] = read && (s < steps ? i < left : (i == 0 && lane < head) || (i == 1 && lane < tail));
+      }
+    }
+    // Issue the next step's loads before this chunk's math, so they are in
+    // flight while it runs.
+    if (read && s < steps) fetch(s + 1);
+    f(zc, tc, valid, res);
+    if (out == nullptr) continue;
+    if (s == steps) {
+      if (lane < head) out[lane] = static_cast<zs_t>(res[0]);
+      if (lane < tail) out[tail_at + lane] = static_cast<zs_t>(res[1]);
+      continue;
+    }
+    zs_t* o = out + first + s * step;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      ZV ov;
+#pragma unroll
+      for (int j = 0; j < W; ++j) ov.v[j] = static_cast<zs_t>(res[k * W + j]);
+      if (vec) {
+        if (k * W < left) store_vec<W>(o + k * W, ov);
+      } else {
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+          if (k * W + j < left) o[k * W + j] = ov.v[j];
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Forward: per-thread moments of d under S, T and U.
+// ---------------------------------------------------------------------------
+template <typename acc_t>
+struct RowState {
+  Moments<acc_t> s, t, u;
+};
+
+template <typename acc_t>
+CSD_HD RowState<acc_t> empty_state() {
+  return {empty_moments<acc_t>(), empty_moments<acc_t>(), empty_moments<acc_t>()};
+}
+
+template <typename acc_t>
+CSD_HD RowState<acc_t> merge_state(const RowState<acc_t>& a, const RowState<acc_t>& b) {
+  return {merge(a.s, b.s), merge(a.t, b.t), merge(a.u, b.u)};
+}
+
+// The reduction operator handed to cub::BlockReduce / cub::WarpReduce.
+struct MergeState {
+  template <typename acc_t>
+  CSD_HD RowState<acc_t> operator()(const RowState<acc_t>& a, const RowState<acc_t>& b) const {
+    return merge_state(a, b);
+  }
+};
+
+template <typename acc_t>
+struct ForwardMath {
+  Needs need;
+  acc_t inv_temp;
+};
+
+// Folds one chunk held in registers into the thread's state.
+template <typename acc_t>
+struct Accumulate {
+  RowState<acc_t> st;
+  ForwardMath<acc_t> m;
+
+  template <int E>
+  CSD_HD void operator()(const acc_t (&z)[E], const acc_t (&t)[E], const bool (&valid)[E],
+                         acc_t (&)[E]) {
+    // d and both weight logits first, so z and t are dead before the
+    // exps: fewer registers live at once.
+    bool ok[E];
+    acc_t d[E], as[E], at[E], zero[E];
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      ok[i] = valid[i] && is_unmasked(z[i], t[i]);
+      d[i] = ok[i] ? z[i] - t[i] : acc_t(0);
+      as[i] = z[i] * m.inv_temp;
+      at[i] = t[i] * m.inv_temp;
+      zero[i] = acc_t(0);
+    }
+    if (m.need.s) st.s = merge(st.s, chunk_moments(as, d, ok));
+    if (m.need.t) st.t = merge(st.t, chunk_moments(at, d, ok));
+    if (m.need.u) st.u = merge(st.u, chunk_moments(zero, d, ok));
+  }
+};
+
+// This lane's moments of [0, n) of one row segment, merged into `st`.
+template <typename acc_t, typename zs_t, typename ts_t>
+CSD_HD void accumulate_segment(RowState<acc_t>& st, const zs_t* z, const ts_t* t, int n,
+                               int lane, int group, const ForwardMath<acc_t>& m) {
+  Accumulate<acc_t> f{st, m};
+  walk_segment<Shape<zs_t, ts_t>::kChunk, acc_t>(z, t, static_cast<zs_t*>(nullptr), n, lane,
+                                                 group, true, f);
+  st = f.st;
+}
+
+// ---------------------------------------------------------------------------
+// Backward: the gradient of one row segment, from the saved statistics.
+// ---------------------------------------------------------------------------
+template <typename acc_t>
+struct GradMath {
+  Mixture<acc_t> w1, w2;
+  Needs need;
+  acc_t inv_temp;
+  acc_t lse_s, lse_t, inv_count;  // S_k = exp(z_k/tau - lse_s), T_k likewise, U_k = inv_count
+  acc_t mean1, mean2;
+  acc_t half_scale;  // 1/2 * grad_loss[row] * row weight
+  bool live;         // false for an ignored row: write zeros, read nothing
+};
+
+// Gradient of one element (0 where z or t is -inf).
+template <typename acc_t>
+CSD_HD acc_t grad_of(acc_t z, acc_t t, const GradMath<acc_t>& g) {
+  if (!is_unmasked(z, t)) return acc_t(0);
+  const acc_t ws = g.need.s ? exp_of(z * g.inv_temp - g.lse_s) : acc_t(0);
+  const acc_t wt = g.need.t ? exp_of(t * g.inv_temp - g.lse_t) : acc_t(0);
+  const acc_t w1 = mixture_weight(g.w1, ws, wt, g.inv_count);
+  const acc_t w2 = mixture_weight(g.w2, ws, wt, g.inv_count);
+  return element_grad(w1, w2, z - t, g.mean1, g.mean2, g.half_scale);
+}
+
+template <typename acc_t>
+struct Gradient {
+  GradMath<acc_t> g;
+
+  template <int E>
+  CSD_HD void operator()(const acc_t (&z)[E], const acc_t (&t)[E], const bool (&valid)[E],
+                         acc_t (&out)[E]) const {
+#pragma unroll
+    for (int i = 0; i < E; ++i) out[i] = valid[i] ? grad_of(z[i], t[i], g) : acc_t(0);
+  }
+};
+
+// Writes this lane's share of the gradient of [0, n) of one row segment.
+template <typename acc_t, typename zs_t, typename ts_t>
+CSD_HD void grad_segment(zs_t* out, const zs_t* z, const ts_t* t, int n, int lane, int group,
+                         const GradMath<acc_t>& g) {
+  const Gradient<acc_t> f{g};
+  walk_segment<Shape<zs_t, ts_t>::kChunk, acc_t>(z, t, out, n, lane, group, g.live, f);
+}
+
+}  // namespace gpu
+}  // namespace csd

@@ -1,0 +1,510 @@
+"""The CPU suite's properties on CUDA: the CUDA kernels against the float64
+reference and against the CPU kernel, across dtypes (mixed included), odd and
+large vocabularies (up to 256k), misaligned and strided rows, few rows (the
+split-row path), all weightings, masks, reductions, torch.compile (also with
+CUDA graphs) and opcheck.
+
+Without a CUDA device the whole module skips with the reason below; the CUDA
+build itself is then checked by .ci/cuda_build_check.sh (compile, link,
+registration, no register spills).
+"""
+
+import math
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip(
+        "no CUDA device: the CUDA kernel tests skip here; .ci/cuda_build_check.sh checks the CUDA build instead",
+        allow_module_level=True,
+    )
+
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import csd_ext  # noqa: E402
+from csd_ext import CSDLoss, csd_loss  # noqa: E402
+from csd_ext.reference import csd_loss_reference  # noqa: E402
+from csd_testing import (  # noqa: E402
+    ALL_WEIGHTINGS,
+    FLOAT_DTYPES,
+    check_against_reference,
+    make_labels,
+    make_logits,
+)
+
+DEVICE = torch.device("cuda")
+pytestmark = pytest.mark.cuda
+
+
+def sm_count():
+    return torch.cuda.get_device_properties(DEVICE).multi_processor_count
+
+
+def acc_dtype(*dtypes):
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def agree(got, want, tol):
+    """|got - want| <= tol element-wise, NaN matching NaN and inf matching inf."""
+    got, want = got.double(), want.double()
+    same = (got == want) | (torch.isnan(got) & torch.isnan(want))
+    return (same | ((got - want).abs() <= tol)).all()
+
+
+def assert_grads_agree(got, want, acc):
+    """Two gradients of the same row computed with fp32 (fp64) accumulation in
+    different orders and stored in the student's dtype: they may differ by an
+    ulp of that dtype, plus fp32 noise relative to the row's largest entry."""
+    info = torch.finfo(want.dtype)
+    w = want.double()
+    row_max = torch.nan_to_num(w.abs(), nan=0.0).amax(dim=-1, keepdim=True)
+    tol = 2 * info.eps * w.abs() + 64 * torch.finfo(acc).eps * row_max + info.smallest_normal * info.eps
+    assert agree(got, want, tol), f"gradients differ: max |diff| {(got.double() - w).abs().nan_to_num().max().item():.3g}"
+
+
+def cuda_vs_cpu(z, t, labels=None, **kw):
+    """Loss (reduction="none", random per-row grad_output) and gradient of the
+    same inputs from the CUDA kernel and from the CPU kernel.  Inputs already
+    on the GPU keep their layout (strides, storage offset); the CPU gets
+    copies.  Both accumulate in fp32 (fp64) but in different orders, so they
+    agree to a few hundred fp32 eps, not bitwise."""
+    kw = dict(kw, reduction="none")
+    g = torch.randn(z.shape[:-1], generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        src = z if (dev == "cuda" and z.is_cuda) else z.to(dev)
+        zd = src.detach().requires_grad_(True)  # a leaf with the same layout
+        td = t if (dev == "cuda" and t.is_cuda) else t.to(dev)
+        ld = None if labels is None else labels.to(dev)
+        loss = csd_loss(zd, td.detach(), ld, **kw)
+        (loss * g.to(dev, loss.dtype)).sum().backward()
+        out[dev] = (loss.detach().cpu(), zd.grad.cpu())
+    (lc, gc), (lg, gg) = out["cpu"], out["cuda"]
+    acc = acc_dtype(z.dtype, t.dtype)
+    assert lg.dtype == lc.dtype == acc and gg.dtype == gc.dtype == z.dtype
+    if acc == torch.float64:
+        assert agree(lg, lc, 1e-10 * (1 + lc.double().abs()))
+    else:
+        assert agree(lg, lc, 256 * torch.finfo(torch.float32).eps * (1 + lc.double().abs())), (
+            f"CUDA and CPU losses differ: max |diff| {(lg.double() - lc.double()).abs().nan_to_num().max().item():.3g}")
+    assert_grads_agree(gg.reshape(-1, z.shape[-1]), gc.reshape(-1, z.shape[-1]), acc)
+    return lg, gg
+
+
+def test_cuda_kernels_are_compiled_and_registered():
+    assert "cuda" in csd_ext.compiled_backends(), (
+        "a CUDA device is present but csd_ext was built without its CUDA kernels; rebuild with FORCE_CUDA=1"
+    )
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has("csd_ext::csd_forward", "CUDA") and has("csd_ext::csd_backward", "CUDA")
+
+
+# ---------------------------------------------------------------------------
+# Against the float64 reference (the CPU suite's property test, on CUDA)
+# ---------------------------------------------------------------------------
+lead_shapes = st.one_of(st.tuples(st.integers(0, 9)), st.tuples(st.integers(1, 3), st.integers(1, 5)))
+vocab_sizes = st.one_of(st.integers(1, 40), st.integers(41, 3000), st.sampled_from([4095, 4096, 4097, 8191, 32000]))
+
+
+@given(
+    lead=lead_shapes,
+    vocab=vocab_sizes,
+    dtypes=st.tuples(st.sampled_from(FLOAT_DTYPES), st.sampled_from(FLOAT_DTYPES)),
+    weighting=st.sampled_from(ALL_WEIGHTINGS),
+    temperature=st.sampled_from([0.5, 1.0, 1.5, 3.0]),
+    alpha=st.floats(0.0, 1.0),
+    mask_frac=st.sampled_from([0.0, 0.0, 0.1, 0.6]),
+    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    scale=st.sampled_from([0.1, 3.0, 30.0, 100.0]),
+    offset=st.sampled_from([0.0, 7.5, 1e4]),
+    seed=st.integers(0, 2**16),
+)
+def test_cuda_matches_reference(lead, vocab, dtypes, weighting, temperature, alpha, mask_frac, ignore_frac, scale,
+                                offset, seed):
+    shape = (*lead, vocab)
+    if math.prod(shape) > 150_000:
+        vocab = max(1, 150_000 // max(1, math.prod(lead)))
+        shape = (*lead, vocab)
+    z, _ = make_logits(shape, scale=scale, dtype=dtypes[0], seed=seed, mask_frac=mask_frac, device=DEVICE)
+    _, t = make_logits(shape, scale=scale, offset=offset, dtype=dtypes[1], seed=seed, mask_frac=mask_frac,
+                       device=DEVICE)
+    labels = make_labels(lead, ignore_frac=ignore_frac, seed=seed, device=DEVICE)
+    check_against_reference(z, t, labels, weighting=weighting, alpha=alpha, temperature=temperature)
+
+
+@pytest.mark.parametrize("zdt", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("tdt", FLOAT_DTYPES, ids=str)
+def test_every_dtype_pair_against_cpu_and_reference(zdt, tdt):
+    # 5003 is odd (rows misaligned relative to each other) and > 4096 (block per row).
+    z, _ = make_logits((6, 5003), scale=8.0, dtype=zdt, seed=1, mask_frac=0.05)
+    _, t = make_logits((6, 5003), scale=8.0, dtype=tdt, seed=1, mask_frac=0.05)
+    labels = torch.tensor([1, -100, 2, 3, 4, -100])
+    cuda_vs_cpu(z, t, labels, weighting="MM", alpha=0.3, temperature=1.5)
+    check_against_reference(z.to(DEVICE), t.to(DEVICE), labels.to(DEVICE), weighting="MM", alpha=0.3,
+                            temperature=1.5)
+
+
+@pytest.mark.parametrize("weighting", ALL_WEIGHTINGS)
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_all_weightings(weighting, temperature):
+    for shape in ((33, 1000), (5, 32000)):  # warp per row, block per row
+        z, t = make_logits(shape, scale=5.0, seed=len(weighting) + shape[1], mask_frac=0.02)
+        cuda_vs_cpu(z, t, weighting=weighting, alpha=0.15, temperature=temperature)
+        check_against_reference(z.to(DEVICE), t.to(DEVICE), weighting=weighting, alpha=0.15,
+                                temperature=temperature)
+
+
+# ---------------------------------------------------------------------------
+# Launch paths: row length, few rows (split rows), huge vocabularies
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab", [1, 2, 7, 31, 33, 4095, 4096, 4097, 8192, 50257, 70001, 131072, 262144])
+@pytest.mark.parametrize("weighting", ["SS", "TS", "US", "MM"])
+def test_vocab_sizes_and_paths(vocab, weighting):
+    rows = 3 if vocab > 10000 else 19
+    for dtype in (torch.float32, torch.bfloat16):
+        z, t = make_logits((rows, vocab), scale=10.0, seed=vocab, mask_frac=0.05, dtype=dtype)
+        labels = make_labels((rows,), ignore_frac=0.3, seed=vocab)
+        cuda_vs_cpu(z, t, labels, weighting=weighting, temperature=1.5)
+    z, t = make_logits((rows, vocab), scale=10.0, seed=vocab, mask_frac=0.05, device=DEVICE)
+    check_against_reference(z, t, weighting=weighting, temperature=1.5)
+
+
+@pytest.mark.parametrize("vocab", [131072, 262144])
+def test_single_row_huge_vocab(vocab):
+    """N = 1: the row is split across many blocks and merged by a second kernel."""
+    z, t = make_logits((1, vocab), scale=6.0, seed=3, dtype=torch.bfloat16)
+    cuda_vs_cpu(z, t, weighting="SS")
+    check_against_reference(z.to(DEVICE), t.to(DEVICE), weighting="TS", temperature=1.5)
+
+
+def test_split_row_threshold():
+    """Rows just below and at 2 x SM count (split and unsplit launches),
+    with ignored rows, which the merge kernel writes."""
+    sms = sm_count()
+    for rows in (2 * sms - 1, 2 * sms):
+        z, t = make_logits((rows, 8192), scale=4.0, seed=rows, dtype=torch.bfloat16, mask_frac=0.01)
+        labels = make_labels((rows,), ignore_frac=0.2, seed=rows)
+        cuda_vs_cpu(z, t, labels, weighting="MM", alpha=0.5)
+    z, t = make_logits((sms // 2, 65536), scale=4.0, seed=9)
+    labels = make_labels((sms // 2,), ignore_frac=0.5, seed=9)
+    cuda_vs_cpu(z, t, labels, weighting="US")
+
+
+# ---------------------------------------------------------------------------
+# Layout: misaligned row starts, strides, broadcast rows
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                    (torch.bfloat16, torch.float32), (torch.float16, torch.float64)], ids=str)
+@pytest.mark.parametrize("offsets", [(0, 0), (1, 1), (3, 3), (7, 7), (1, 0), (0, 5), (2, 6)], ids=str)
+@pytest.mark.parametrize("vocab", [5, 1000, 5001])
+def test_misaligned_and_sliced_rows(dtypes, offsets, vocab):
+    """Rows starting at any element offset (sliced storage, row stride V + 13),
+    read in place: equal offsets of student and teacher take the vector path
+    after a prologue (the gradient is contiguous, so its alignment may differ
+    again), different ones the element-wise path."""
+    rows, pad = 4, 13
+    wz, _ = make_logits((rows, vocab + pad), scale=5.0, seed=vocab, dtype=dtypes[0], mask_frac=0.02, device=DEVICE)
+    _, wt = make_logits((rows, vocab + pad), scale=5.0, seed=vocab + 1, dtype=dtypes[1], mask_frac=0.02,
+                        device=DEVICE)
+    z = wz[:, offsets[0]:offsets[0] + vocab]
+    t = wt[:, offsets[1]:offsets[1] + vocab]
+    assert z.storage_offset() == offsets[0] and z.stride() == (vocab + pad, 1)
+    cuda_vs_cpu(z, t, weighting="TS", temperature=1.5)
+    cuda_vs_cpu(z, t, weighting="MM", alpha=0.5)
+    check_against_reference(z, t, weighting="MM", alpha=0.5)
+
+
+def test_non_contiguous_leading_dims_and_broadcast_teacher():
+    wide_z, wide_t = make_logits((4, 3, 4130), seed=7, device=DEVICE)
+    z = wide_z[:, :, 3:4103]               # vocabulary slice: row stride 4130, offset 3
+    t = wide_t.transpose(0, 1).contiguous().transpose(0, 1)[:, :, 3:4103]
+    za = z.detach().requires_grad_(True)  # a strided leaf: read in place
+    zc = z.contiguous().requires_grad_(True)
+    assert za.storage_offset() == 3 and za.stride(-2) == 4130
+    # Different row alignments chunk the rows differently: equal to fp32 rounding.
+    la, lc = csd_loss(za, t, reduction="none"), csd_loss(zc, t.contiguous(), reduction="none")
+    torch.testing.assert_close(la, lc, rtol=1e-5, atol=1e-6)
+    la.sum().backward()
+    lc.sum().backward()
+    assert_grads_agree(za.grad.reshape(-1, 4100), zc.grad.reshape(-1, 4100), torch.float32)
+    cuda_vs_cpu(z, t)
+    tb = wide_t[:1, :1, 3:4103].expand(4, 3, 4100)  # a teacher row broadcast with stride 0
+    torch.testing.assert_close(csd_loss(z, tb), csd_loss(z, tb.contiguous()), rtol=1e-5, atol=1e-6)
+    cuda_vs_cpu(z, tb, weighting="TS")
+    # A vocabulary dimension with stride != 1 is made contiguous first.
+    x = torch.randn(5000, 4, device=DEVICE).t()
+    y = torch.randn(5000, 4, device=DEVICE).t()
+    assert x.stride() == (1, 4)
+    torch.testing.assert_close(csd_loss(x, y), csd_loss(x.contiguous(), y.contiguous()), rtol=1e-5, atol=1e-6)
+
+
+def test_64bit_offsets():
+    """N * V > 2^31: row offsets overflow 32 bits (needs ~13 GB of GPU memory)."""
+    rows, vocab = 8200, 262144
+    free, _ = torch.cuda.mem_get_info(DEVICE)
+    if free < 16 * 2**30:
+        pytest.skip(f"needs 16 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    z = torch.randn(rows, vocab, device=DEVICE, dtype=torch.bfloat16, generator=gen).mul_(4)
+    t = torch.randn(rows, vocab, device=DEVICE, dtype=torch.bfloat16, generator=gen).mul_(4)
+    assert z.numel() > 2**31
+    z.requires_grad_(True)
+    loss = csd_loss(z, t, weighting="TS", reduction="none")
+    loss.sum().backward()
+    for r in (0, rows // 2, rows - 1):  # the last rows live past 2^31 elements
+        zc, tc = z[r:r + 1].detach().cpu().requires_grad_(True), t[r:r + 1].cpu()
+        lc = csd_loss(zc, tc, weighting="TS", reduction="none")
+        lc.sum().backward()
+        assert agree(loss[r:r + 1].cpu(), lc, 256 * torch.finfo(torch.float32).eps * (1 + lc.abs()))
+        assert_grads_agree(z.grad[r:r + 1].cpu(), zc.grad, torch.float32)
+    del z, t, loss
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------
+# Masks, reductions, invariances, gradients
+# ---------------------------------------------------------------------------
+def test_masked_vocab_rows_and_nan():
+    z, t = make_logits((5, 6000), seed=1, mask_frac=0.3)
+    z[1] = -math.inf                      # a fully masked row: loss 0, gradient 0
+    t[2, :3000] = -math.inf
+    z[2, 3000:] = -math.inf
+    t[3, 4321] = math.nan                 # NaN propagates to its row only
+    loss, grad = cuda_vs_cpu(z, t, weighting="MM")
+    assert loss[1] == 0 and loss[2] == 0 and (grad[1:3] == 0).all()
+    assert torch.isnan(loss[3]) and torch.isfinite(loss[[0, 1, 2, 4]]).all()
+    assert (grad[torch.isneginf(z) | torch.isneginf(t)] == 0).all()
+
+
+def test_reductions_and_ignore_index():
+    z, t = make_logits((4, 6, 3000), seed=1, device=DEVICE)
+    labels = make_labels((4, 6), seed=1, device=DEVICE)
+    none = csd_loss(z, t, labels, reduction="none")
+    valid = labels != -100
+    torch.testing.assert_close(csd_loss(z, t, labels, reduction="sum"), none.sum())
+    torch.testing.assert_close(csd_loss(z, t, labels), none.sum() / valid.sum())
+    assert (none[~valid] == 0).all()
+    for reduction in ("mean", "sum"):
+        a = z.clone().requires_grad_(True)
+        ac = z.cpu().clone().requires_grad_(True)
+        out = csd_loss(a, t, labels, reduction=reduction)
+        outc = csd_loss(ac, t.cpu(), labels.cpu(), reduction=reduction)
+        torch.testing.assert_close(out.cpu(), outc, rtol=1e-5, atol=1e-7)
+        (out * 3.5).backward()
+        (outc * 3.5).backward()
+        torch.testing.assert_close(a.grad.cpu(), ac.grad, rtol=1e-4, atol=1e-9)
+        assert (a.grad[~valid] == 0).all()
+
+
+def test_all_ignored_and_empty_batches():
+    z, t = make_logits((3, 5, 5000), seed=3, device=DEVICE)
+    z.requires_grad_(True)
+    labels = torch.full((3, 5), -100, device=DEVICE)
+    for reduction in ("mean", "sum", "none"):
+        loss = csd_loss(z, t, labels, reduction=reduction)
+        assert torch.isfinite(loss).all() and (loss == 0).all()
+        z.grad = None
+        loss.sum().backward()
+        assert (z.grad == 0).all()
+    e = torch.randn(0, 7, device=DEVICE, requires_grad=True)
+    assert csd_loss(e, torch.randn(0, 7, device=DEVICE)).item() == 0
+    csd_loss(e, torch.randn(0, 7, device=DEVICE)).backward()
+    assert e.grad.shape == (0, 7)
+
+
+@pytest.mark.parametrize("weighting", ALL_WEIGHTINGS)
+def test_zero_loss_and_gradient_at_optimum(weighting):
+    """z = t + c is optimal for every weighting.  d is exactly c, but the
+    weighted mean of a chunk, sum(e*c)/sum(e), is c only up to fp32 rounding
+    (~1e-6 here), so the loss is 0 up to its square and the gradient up to w*1e-6."""
+    _, t = make_logits((5, 5000), scale=5.0, seed=3)
+    t = (t * 4).round().clamp(-127, 127) / 4  # exact in bf16 and fp32, as is t + 4k
+    for vocab in (1000, 5000):
+        for dtype in (torch.float32, torch.bfloat16):
+            tv = t[:, :vocab]
+            z = (tv + torch.arange(5.0).unsqueeze(1) * 4).to(dtype).to(DEVICE).requires_grad_(True)
+            loss = csd_loss(z, tv.to(dtype).to(DEVICE), weighting=weighting, reduction="none")
+            assert (loss.abs() <= 1e-10).all(), loss
+            loss.sum().backward()
+            assert (z.grad.float().abs() <= 1e-5).all(), z.grad.abs().max()
+
+
+@given(weighting=st.sampled_from(ALL_WEIGHTINGS), seed=st.integers(0, 1000))
+def test_shift_invariance(weighting, seed):
+    z, t = make_logits((4, 4500), scale=3.0, dtype=torch.float64, seed=seed, mask_frac=0.1, device=DEVICE)
+    cz = torch.randn(4, 1, dtype=torch.float64, device=DEVICE) * 50
+    ct = torch.randn(4, 1, dtype=torch.float64, device=DEVICE) * 50
+    a, b = z.clone().requires_grad_(True), (z + cz).requires_grad_(True)
+    la = csd_loss(a, t, weighting=weighting, temperature=1.5, reduction="none")
+    lb = csd_loss(b, t + ct, weighting=weighting, temperature=1.5, reduction="none")
+    torch.testing.assert_close(la, lb, rtol=1e-8, atol=1e-9)
+    la.sum().backward()
+    lb.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-11)
+
+
+@pytest.mark.parametrize("weighting", ["TT", "UU", "TU", "UT"])
+def test_gradcheck_when_weights_do_not_depend_on_student(weighting):
+    z, t = make_logits((3, 2, 11), scale=2.0, dtype=torch.float64, seed=5, mask_frac=0.1, device=DEVICE)
+    z.requires_grad_(True)
+    labels = torch.tensor([[1, -100], [2, 3], [-100, 4]], device=DEVICE)
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda x: csd_loss(x, t, labels, weighting=weighting, temperature=1.7, reduction=reduction),
+            (z,), eps=1e-6, atol=1e-8,
+        )
+
+
+def test_ss_at_unit_temperature_is_reverse_kl_gradient():
+    z, t = make_logits((6, 5001), scale=4.0, dtype=torch.float64, seed=9, device=DEVICE)
+    zc = z.clone().requires_grad_(True)
+    csd_loss(zc, t, weighting="SS", reduction="sum").backward()
+    zk = z.clone().requires_grad_(True)
+    log_q, log_p = F.log_softmax(zk, -1), F.log_softmax(t, -1)
+    (log_q.exp() * (log_q - log_p)).sum().backward()
+    torch.testing.assert_close(zc.grad, zk.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_teacher_gradient_is_negative_student_gradient():
+    z, t = make_logits((4, 5000), seed=2, device=DEVICE)
+    z.requires_grad_(True)
+    t.requires_grad_(True)
+    csd_loss(z, t, weighting="SS").backward()
+    torch.testing.assert_close(t.grad, -z.grad)
+
+
+def test_bf16_uses_fp32_accumulation():
+    z, t = make_logits((16, 32000), scale=20.0, dtype=torch.bfloat16, seed=8, device=DEVICE)
+    out = csd_loss(z, t, reduction="none")
+    ref = csd_loss_reference(z.double(), t.double(), reduction="none")
+    assert out.dtype == torch.float32
+    assert ((out.double() - ref).abs() / ref).max().item() < 2e-5
+
+
+# ---------------------------------------------------------------------------
+# torch integration: opcheck, torch.compile, CUDA graphs, streams, devices
+# ---------------------------------------------------------------------------
+def opcheck_inputs():
+    cases = []
+    for dtypes in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16),
+                   (torch.float64, torch.float32)]:
+        for weighting, vocab, mask in [("SS", 37, True), ("TS", 5000, False), ("MM", 70001, True)]:
+            rows = 6 if vocab < 70001 else 2
+            z, _ = make_logits((rows, vocab), dtype=dtypes[0], seed=1, mask_frac=0.1, device=DEVICE)
+            _, t = make_logits((rows, vocab), dtype=dtypes[1], seed=1, mask_frac=0.1, device=DEVICE)
+            row_mask = (torch.arange(rows, device=DEVICE) % 3 != 1) if mask else None
+            cases.append((z.requires_grad_(True), t, row_mask, weighting, 0.3, 1.5))
+    return cases
+
+
+@pytest.mark.parametrize("args", opcheck_inputs(), ids=lambda a: f"{a[0].dtype}-{a[1].dtype}-{a[3]}-{a[0].shape[1]}")
+def test_opcheck_forward(args):
+    torch.library.opcheck(torch.ops.csd_ext.csd_forward.default, args)
+
+
+def test_opcheck_backward():
+    for vocab in (33, 5000):
+        z, t = make_logits((5, vocab), seed=3, device=DEVICE)
+        _, stats = torch.ops.csd_ext.csd_forward(z, t, None, "TS", 0.5, 1.0)
+        grad_loss = torch.randn(5, device=DEVICE)
+        torch.library.opcheck(torch.ops.csd_ext.csd_backward.default, (grad_loss, z, t, stats, "TS", 0.5, 1.0))
+        # An expanded scalar grad_output (stride 0), as autograd hands over for a mean.
+        g0 = torch.tensor(0.25, device=DEVICE).expand(5)
+        got = torch.ops.csd_ext.csd_backward(g0, z, t, stats, "TS", 0.5, 1.0)
+        want = torch.ops.csd_ext.csd_backward(g0.contiguous(), z, t, stats, "TS", 0.5, 1.0)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class TinyDistiller(torch.nn.Module):
+    def __init__(self, vocab=5003, hidden=16):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, vocab)
+        self.loss = CSDLoss(weighting="TS", temperature=1.5)
+
+    def forward(self, h, teacher_logits, labels):
+        return self.loss(self.head(h), teacher_logits, labels)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = TinyDistiller().to(DEVICE)
+    h = torch.randn(2, 5, 16, device=DEVICE)
+    _, t = make_logits((2, 5, 5003), seed=2, device=DEVICE)
+    labels = make_labels((2, 5), seed=2, device=DEVICE)
+    eager = model(h, t, labels)
+    eager.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(h, t, labels)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_torch_compile_reduce_overhead_cuda_graphs():
+    """mode="reduce-overhead" records the ops into a CUDA graph: they must be
+    capturable (no host syncs, no allocation outside the caching allocator)
+    and give the eager numbers on every replay."""
+    torch.manual_seed(1)
+    model = TinyDistiller().to(DEVICE)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):
+        torch.compiler.cudagraph_mark_step_begin()
+        h = torch.randn(2, 5, 16, device=DEVICE)
+        _, t = make_logits((2, 5, 5003), seed=10 + step, device=DEVICE)
+        labels = make_labels((2, 5), seed=10 + step, device=DEVICE)
+        model.zero_grad()
+        eager = model(h, t, labels)
+        eager.backward()
+        want = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        out = compiled(h, t, labels)
+        out.backward()
+        torch.testing.assert_close(out, eager)
+        for g, p in zip(want, model.parameters()):
+            torch.testing.assert_close(p.grad, g)
+
+
+def test_compiled_with_dynamic_shapes_and_split_rows():
+    f = torch.compile(lambda z, t, l: csd_loss(z, t, l, weighting="SS"), fullgraph=True, dynamic=True)
+    for n, vocab in ((3, 70001), (7, 70001), (300, 1000)):
+        z, t = make_logits((n, vocab), seed=n, device=DEVICE)
+        labels = make_labels((n,), seed=n, device=DEVICE)
+        torch.testing.assert_close(f(z, t, labels), csd_loss(z, t, labels))
+
+
+def test_runs_on_the_current_stream():
+    z, t = make_logits((64, 50257), seed=4, dtype=torch.bfloat16, device=DEVICE)
+    want = csd_loss(z, t, reduction="none")
+    side = torch.cuda.Stream(device=DEVICE)
+    side.wait_stream(torch.cuda.current_stream(DEVICE))
+    with torch.cuda.stream(side):
+        got = csd_loss(z, t, reduction="none")
+    torch.cuda.current_stream(DEVICE).wait_stream(side)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_runs_on_the_inputs_device_not_the_current_one():
+    z, t = make_logits((4, 5000), seed=5)
+    want = csd_loss(z, t, reduction="none")
+    with torch.cuda.device(0):
+        got = csd_loss(z.to("cuda:1"), t.to("cuda:1"), reduction="none")
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_device_mismatch_is_named():
+    z, t = make_logits((3, 50), seed=1)
+    with pytest.raises(ValueError, match="teacher_logits is on"):
+        torch.ops.csd_ext.csd_forward(z.to(DEVICE), t, None, "SS", 0.5, 1.0)
+    with pytest.raises(ValueError, match="row_mask is on"):
+        torch.ops.csd_ext.csd_forward(z.to(DEVICE), t.to(DEVICE), torch.ones(3, dtype=torch.bool), "SS", 0.5, 1.0)
+    _, stats = torch.ops.csd_ext.csd_forward(z.to(DEVICE), t.to(DEVICE), None, "SS", 0.5, 1.0)
+    with pytest.raises(ValueError, match="grad_loss is on"):
+        torch.ops.csd_ext.csd_backward(torch.ones(3), z.to(DEVICE), t.to(DEVICE), stats, "SS", 0.5, 1.0)
