@@ -1,6 +1,7 @@
 """Input generators and tolerances for the CSD tests."""
 
 import math
+import os
 
 import torch
 
@@ -125,3 +126,21 @@ def check_against_reference(z, t, labels=None, **kw):
     masked = torch.isneginf(z) | torch.isneginf(t)
     assert (zk.grad[masked] == 0).all()
     return out, zk.grad
+
+
+def package_root():
+    """The directory holding the csd_ext this test run imported: the installed copy
+    under CI's ``python -P`` (the source tree there has no compiled ``_C``), or a
+    worktree with an in-place build under ``PYTHONPATH=.``."""
+    import csd_ext
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(csd_ext.__file__)))
+
+
+def env_with_this_csd_ext(base=None):
+    """A copy of ``base`` (default: os.environ) that makes a child Python import the
+    same csd_ext as this process.  Children started with ``-c`` must also pass ``-P``,
+    or the working directory (the source tree, in CI) shadows PYTHONPATH."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [package_root(), env.get("PYTHONPATH", "")] if p)
+    return env

@@ -10,6 +10,8 @@ import random
 import subprocess
 import sys
 
+from csd_testing import env_with_this_csd_ext
+
 
 def write_jsonl(path, records):
     with open(path, "w") as f:
@@ -83,20 +85,11 @@ def cli_args(paths, out_dir, **overrides):
     return args
 
 
-def _package_root():
-    """The directory holding the csd_ext this test imported (the installed one under CI's
-    ``python -P``, the worktree with PYTHONPATH=.): subprocesses must use the same."""
-    import csd_ext
-
-    return os.path.dirname(os.path.dirname(os.path.abspath(csd_ext.__file__)))
-
-
 def subprocess_env(**extra):
     """One thread per process (bit-exact comparisons need the same thread count everywhere),
     this test's csd_ext first on the path, no inherited distributed settings."""
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=_package_root() + os.pathsep + env.get("PYTHONPATH", ""))
+    env = env_with_this_csd_ext()
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "CSD_DISTILL_FAULT"):
         env.pop(key, None)

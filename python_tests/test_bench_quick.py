@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+from csd_testing import env_with_this_csd_ext
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks", "bench_loss.py")
 HEADER = ["N×V", "dtype", "w", "pass", "csd_ext ms", "eager ms", "compile ms", "vs eager", "vs compile",
@@ -22,9 +24,8 @@ def _cells(line):
 
 def test_quick_benchmark_prints_a_well_formed_table(tmp_path):
     out = tmp_path / "RESULTS.md"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, BENCH, "--quick", "--output", str(out)], capture_output=True,
-                          text=True, env=env, timeout=600)
+                          text=True, env=env_with_this_csd_ext(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     assert _cells(table[0]) == HEADER

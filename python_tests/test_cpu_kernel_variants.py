@@ -181,7 +181,10 @@ def run_checks():
 # The pytest side: one subprocess per variant.
 # ---------------------------------------------------------------------------
 def _run(env_extra):
-    env = dict(os.environ, **env_extra)
+    from csd_testing import env_with_this_csd_ext  # here: the --check child imports this module too
+
+    env = env_with_this_csd_ext()
+    env.update(env_extra)
     proc = subprocess.run([sys.executable, __file__, "--check"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

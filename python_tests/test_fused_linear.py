@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from csd_ext import FusedLinearCSDLoss, csd_loss, fused_linear_csd
+from csd_testing import env_with_this_csd_ext
 from csd_ext._fused_ops import DEFAULT_CHUNK_BUDGET_BYTES, MIN_AUTO_CHUNK_ROWS, auto_chunk_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -418,9 +419,8 @@ _MEM_WORKER = textwrap.dedent("""
 
 
 def _peak_extra_mib(mode, n, hid=32, vocab=16384):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", _MEM_WORKER, mode, str(n), str(hid), str(vocab)],
-                         capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-P", "-c", _MEM_WORKER, mode, str(n), str(hid), str(vocab)],
+                         capture_output=True, text=True, env=env_with_this_csd_ext(), check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -444,9 +444,9 @@ def test_peak_memory_stays_bounded_as_n_grows():
 
 def test_benchmark_quick_mode_writes_a_well_formed_table(tmp_path):
     out = tmp_path / "results.md"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_fused_linear.py"), "--quick",
-                    "--out", str(out)], check=True, capture_output=True, text=True, env=env, timeout=600)
+                    "--out", str(out)], check=True, capture_output=True, text=True, env=env_with_this_csd_ext(),
+                   timeout=600)
     text = out.read_text()
     assert text.startswith("## Fused linear + CSD")
     assert "Machine:" in text and "bench_fused_linear.py --quick" in text
