@@ -508,3 +508,36 @@ def test_device_mismatch_is_named():
     _, stats = torch.ops.csd_ext.csd_forward(z.to(DEVICE), t.to(DEVICE), None, "SS", 0.5, 1.0)
     with pytest.raises(ValueError, match="grad_loss is on"):
         torch.ops.csd_ext.csd_backward(torch.ones(3), z.to(DEVICE), t.to(DEVICE), stats, "SS", 0.5, 1.0)
+
+
+# ---------------------------------------------------------------------------
+# The fused linear + CSD path on CUDA (it feeds chunks to the same kernels)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("teacher", ["logits", "hidden"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_matches_materialised_logits(dtype, teacher, reduction):
+    g = torch.Generator(device="cpu").manual_seed(3)
+    n, hid, vocab = 37, 64, 5003
+    h = torch.randn(n, hid, generator=g).to(DEVICE, dtype).requires_grad_()
+    w = (torch.randn(vocab, hid, generator=g) * 0.2).to(DEVICE, dtype).requires_grad_()
+    b = (torch.randn(vocab, generator=g) * 0.1).to(DEVICE, dtype).requires_grad_()
+    th = torch.randn(n, hid, generator=g).to(DEVICE, dtype)
+    tw = (torch.randn(vocab, hid, generator=g) * 0.2).to(DEVICE, dtype)
+    labels = make_labels((n,), seed=3, device=DEVICE)
+    t_logits = (th.float() @ tw.float().T)
+    teacher_kw = ({"teacher_logits": t_logits} if teacher == "logits"
+                  else {"teacher_hidden": th, "teacher_weight": tw})
+    grad_out = torch.rand(n, generator=g).to(DEVICE) if reduction == "none" else torch.ones((), device=DEVICE)
+
+    got = csd_ext.fused_linear_csd(h, w, labels=labels, student_bias=b, weighting="TS", temperature=1.5,
+                                   reduction=reduction, chunk_size=7, **teacher_kw)
+    got_grads = torch.autograd.grad((got * grad_out).sum(), (h, w, b))
+    z = torch.addmm(b.float(), h.float(), w.float().T)  # fp32 logits, as the fused path computes them
+    want = csd_loss(z, t_logits, labels, weighting="TS", temperature=1.5, reduction=reduction)
+    want_grads = torch.autograd.grad((want * grad_out).sum(), (h, w, b))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    tol = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    for a, e, name in zip(got_grads, want_grads, ("hidden", "weight", "bias")):
+        torch.testing.assert_close(a.float(), e.float(), rtol=tol[0], atol=tol[1] * e.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name} gradient: {m}")
