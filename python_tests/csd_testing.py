@@ -48,7 +48,7 @@ def _row_magnitude(z, t):
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def loss_tolerance(z, t, ref_loss, ref_grad_unit):
+def loss_tolerance(z, t, ref_loss, ref_grad_unit, eps=EPS32):
     """Per-row absolute tolerance for an fp32-accumulated loss against fp64 math
     on the same input values.
 
@@ -58,20 +58,20 @@ def loss_tolerance(z, t, ref_loss, ref_grad_unit):
     orders tighter than bf16 accumulation could meet (eps_bf16 = 7.8e-3).
     `ref_grad_unit` is the reference gradient of the per-row losses (2-D)."""
     z2, t2 = as_f64(z).reshape(ref_grad_unit.shape), as_f64(t).reshape(ref_grad_unit.shape)
-    d_rounding = 4 * EPS32 * (ref_grad_unit.abs() * _row_magnitude(z2, t2)).sum(-1)
+    d_rounding = 4 * eps * (ref_grad_unit.abs() * _row_magnitude(z2, t2)).sum(-1)
     # The fp64 reference's own rounding (it is not exact either): ~eps64 * |d|^2.
     reference_noise = 1e-14 * (1 + _row_magnitude(z2, t2).squeeze(-1) ** 2)
-    return d_rounding + 64 * EPS32 * ref_loss.reshape(-1).abs() + reference_noise
+    return d_rounding + 64 * eps * ref_loss.reshape(-1).abs() + reference_noise
 
 
-def grad_tolerance(z, t, ref_grad, w1, w2):
+def grad_tolerance(z, t, ref_grad, w1, w2, eps=EPS32):
     """Element-wise absolute tolerance for the fp32-accumulated gradient
     1/2 [w1 (d - E_w2 d) + w2 (d - E_w1 d)] (2-D inputs): rounding d and the
     means moves it by ~ eps * (w1 + w2) * max|z|,|t| of the row; the fp32 exp
     and sums by a few tens of eps relative to the gradient itself."""
     z2, t2 = as_f64(z).reshape(ref_grad.shape), as_f64(t).reshape(ref_grad.shape)
     mag = _row_magnitude(z2, t2)
-    return 8 * EPS32 * (w1 + w2) * mag + 64 * EPS32 * ref_grad.abs() + 1e-30
+    return 8 * eps * (w1 + w2) * mag + 64 * eps * ref_grad.abs() + 1e-30
 
 
 def check_against_reference(z, t, labels=None, **kw):
@@ -126,6 +126,40 @@ def check_against_reference(z, t, labels=None, **kw):
     masked = torch.isneginf(z) | torch.isneginf(t)
     assert (zk.grad[masked] == 0).all()
     return out, zk.grad
+
+
+def agreement_tolerances(z, t, labels, grad_output, **kw):
+    """How far two correct kernels (CPU and CUDA, or two launch paths) may differ
+    on these inputs, for reduction="none" with per-row `grad_output`: the sum of
+    their error bounds against exact arithmetic (loss_tolerance and
+    grad_tolerance, with the accumulation dtype's eps), plus the final rounding
+    of each gradient to the student's dtype.  Returns ([N] loss tolerance,
+    [N, V] gradient tolerance).
+
+    A bound scaled by the row's largest gradient would be too tight: the two
+    kernels sum the row in different orders, so their E_w d differ by ~eps*|d|,
+    which moves every gradient entry by ~eps*w_k*|d|, also where w_k*|d_k - E d|
+    (the gradient itself) is tiny."""
+    from csd_ext.reference import csd_loss_reference, csd_weights
+
+    vocab = z.shape[-1]
+    acc = torch.float64 if torch.float64 in (z.dtype, t.dtype) else torch.float32
+    eps = torch.finfo(acc).eps
+    zc, tc = as_f64(z).cpu().reshape(-1, vocab), as_f64(t).cpu().reshape(-1, vocab)
+    lab = None if labels is None else labels.cpu().reshape(-1)
+    g = as_f64(grad_output).cpu().reshape(-1)
+    zr = zc.clone().requires_grad_(True)
+    ref = csd_loss_reference(zr, tc, lab, reduction="none", **kw)
+    ref.sum().backward()  # unit grad_output: dL_row/dz
+    unit = zr.grad
+    w1, w2 = csd_weights(zc, tc, kw.get("weighting", "SS"), kw.get("alpha", 0.5), kw.get("temperature", 1.0))
+    scale = g.abs().unsqueeze(-1)
+    ref_grad = unit * g.unsqueeze(-1)
+    info = torch.finfo(z.dtype)
+    loss_tol = 2 * loss_tolerance(zc, tc, ref.detach(), unit, eps)
+    grad_tol = (2 * grad_tolerance(zc, tc, ref_grad, w1 * scale, w2 * scale, eps)
+                + 2 * info.eps * ref_grad.abs() + 2 * info.smallest_normal * info.eps)
+    return loss_tol, grad_tol
 
 
 def package_root():
