@@ -48,19 +48,23 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c 'import csd_ext; print("backends", csd_ext.compiled_backends())'
 
 step "CUDA tests"
+# -v prints each test's outcome as it finishes, so a run cut off by the time
+# limit still names its failures; each xdist worker gets 2 CPU threads, or 8
+# workers x all cores oversubscribe the CPU that computes the references.
 xdist=()
 "$PY" -c 'import xdist' 2>/dev/null && xdist=(-n "${CSD_GPU_TEST_WORKERS:-8}")
-timeout "${CSD_GPU_TEST_S:-240}" "$PY" -m pytest python_tests/test_cuda.py -q -p no:cacheprovider \
-  "${xdist[@]}" -rfEs --durations=10 > "$OUT_DIR/pytest.txt" 2>&1
+OMP_NUM_THREADS=2 timeout "${CSD_GPU_TEST_S:-240}" "$PY" -m pytest python_tests/test_cuda.py -v -p no:cacheprovider \
+  "${xdist[@]}" --tb=short -rfEs --durations=15 > "$OUT_DIR/pytest.txt" 2>&1
 echo "pytest exit $?"
-tail -n 60 "$OUT_DIR/pytest.txt"
+grep -E "(FAILED|ERROR)" "$OUT_DIR/pytest.txt" | head -n 60
+tail -n 25 "$OUT_DIR/pytest.txt"
 
 if [[ "${CSD_GPU_SKIP_BENCH:-0}" != "1" ]]; then
   bench_deadline=$(( $(date +%s) + ${CSD_GPU_BENCH_S:-300} ))
   bench() {  # name, then bench_loss.py arguments; skipped once the step's time is spent
     local name="$1"; shift
     local left=$(( bench_deadline - $(date +%s) ))
-    if (( left < 20 )); then step "bench $name skipped: step time spent"; return; fi
+    if (( left < 60 )); then step "bench $name skipped: step time spent"; return; fi
     step "bench $name"
     timeout "$left" "$PY" benchmarks/bench_loss.py --device cuda --min-time 0.3 --warmup 3 \
       ${CSD_GPU_HBM_GBS:+--hbm-gbs "$CSD_GPU_HBM_GBS"} \
