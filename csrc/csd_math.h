@@ -287,6 +287,19 @@ CSD_HD RowResult<acc_t> finalize_row(const Moments<acc_t>& s,
   return r;
 }
 
+// Writes one row's loss and the statistics the backward reads (StatsColumn
+// layout); the row weight records whether the row counts.
+template <typename acc_t>
+CSD_HD void store_row_result(const RowResult<acc_t>& r, bool counted, acc_t* loss, acc_t* stats_row) {
+  *loss = r.loss;
+  stats_row[kLseS] = r.lse_s;
+  stats_row[kLseT] = r.lse_t;
+  stats_row[kInvCount] = r.inv_count;
+  stats_row[kMean1] = r.mean1;
+  stats_row[kMean2] = r.mean2;
+  stats_row[kRowWeight] = counted ? acc_t(1) : acc_t(0);
+}
+
 // ---------------------------------------------------------------------------
 // Per-element gradient.  Templated on T so it compiles for scalars (CUDA, CPU
 // tails, tests) and for at::vec::Vectorized (the CPU SIMD body).  The caller

@@ -444,13 +444,7 @@ inline void store_row(const RowMoments<acc_t>& m, bool counted, const Mixture<ac
                       const Mixture<acc_t>& w2, acc_t* loss, acc_t* st) {
   const RowResult<acc_t> res =
       counted ? finalize_row(m.s, m.t, m.u, w1, w2) : RowResult<acc_t>{0, 0, 0, 0, 0, 0};
-  *loss = res.loss;
-  st[kLseS] = res.lse_s;
-  st[kLseT] = res.lse_t;
-  st[kInvCount] = res.inv_count;
-  st[kMean1] = res.mean1;
-  st[kMean2] = res.mean2;
-  st[kRowWeight] = counted ? acc_t(1) : acc_t(0);
+  store_row_result(res, counted, loss, st);
 }
 
 // The typed arguments every pass needs.

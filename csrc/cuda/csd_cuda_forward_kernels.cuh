@@ -41,14 +41,7 @@ struct ForwardArgs {
 template <typename acc_t>
 __device__ __forceinline__ void write_row(const ForwardArgs<acc_t>& a, int64_t row,
                                           const RowResult<acc_t>& r, bool counted) {
-  a.loss[row] = r.loss;
-  acc_t* st = a.stats + row * kNumStats;
-  st[kLseS] = r.lse_s;
-  st[kLseT] = r.lse_t;
-  st[kInvCount] = r.inv_count;
-  st[kMean1] = r.mean1;
-  st[kMean2] = r.mean2;
-  st[kRowWeight] = counted ? acc_t(1) : acc_t(0);
+  store_row_result(r, counted, a.loss + row, a.stats + row * kNumStats);
 }
 
 template <typename acc_t>
