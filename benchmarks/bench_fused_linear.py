@@ -188,7 +188,7 @@ def format_table(results):
         ref = base.get((r["n"], r["dtype"]))
         t_rel = f"{med / statistics.median(ref['times']):.2f}x" if ref else "-"
         m_rel = f"{r['peak_extra_mib'] / ref['peak_extra_mib']:.2f}" if ref and ref["peak_extra_mib"] > 0 else "-"
-        lines.append(head + f" {med:.3f} | {lo:.3f} | {hi:.3f} | {r['peak_extra_mib']:.0f} | {t_rel} | {m_rel} |")
+        lines.append(head + f" {med:.4g} | {lo:.4g} | {hi:.4g} | {r['peak_extra_mib']:.0f} | {t_rel} | {m_rel} |")
     return lines, errors
 
 
