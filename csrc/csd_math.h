@@ -126,6 +126,8 @@ CSD_HD Needs needs_of(const Mixture<acc_t>& w1, const Mixture<acc_t>& w2) {
 CSD_HD float exp_of(float x) { return ::expf(x); }
 CSD_HD double exp_of(double x) { return ::exp(x); }
 CSD_HD float log_of(float x) { return ::logf(x); }
+CSD_HD float fmax_of(float a, float b) { return ::fmaxf(a, b); }
+CSD_HD double fmax_of(double a, double b) { return ::fmax(a, b); }
 CSD_HD double log_of(double x) { return ::log(x); }
 
 template <typename acc_t>
@@ -185,36 +187,45 @@ CSD_HD Moments<acc_t> merge(const Moments<acc_t>& a, const Moments<acc_t>& b) {
 
 // Moments of a small chunk, by the exact two-pass formula: max, then the
 // weights and the mean, then the centred second moment.  Kernels call it on a
-// chunk held in registers (CUDA: one vector load per thread) or in the tail
-// of a CPU tile, and merge the result into their running state.  `a` is the
-// weight logit (z/tau, t/tau, or 0 for U); masked entries are skipped.
+// chunk held in registers (CUDA: one vector load per thread) and merge the
+// result into their running state.  `a` is the weight logit (z/tau, t/tau,
+// or 0 for U); masked entries are skipped.
+//
+// Branch-free on purpose: a masked position enters the max as -inf, the exp
+// as exp(-inf) = 0 and the sums with d = 0, instead of an `if` around each
+// element, which a GPU compiles into a divergent branch per element
+// (BSSY/BSYNC pairs that cost more than the exp).  The values are exactly
+// those of skipping the entry.  The max is a plain fmax (one instruction):
+// a NaN weight logit is dropped from the max but makes its exp, hence the
+// chunk's sum, NaN, so the state is still poisoned (and never empty).
 template <typename acc_t, int N>
 CSD_HD Moments<acc_t> chunk_moments(const acc_t (&a)[N], const acc_t (&d)[N],
                                     const bool (&unmasked)[N], int n = N) {
+  bool in[N];
   acc_t mx = neg_inf<acc_t>();
   bool any = false;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    if (i < n && unmasked[i]) {
-      mx = any ? max_nan(mx, a[i]) : a[i];
-      any = true;
-    }
+    in[i] = i < n && unmasked[i];
+    mx = fmax_of(mx, in[i] ? a[i] : neg_inf<acc_t>());
+    any = any || in[i];
   }
   if (!any) return empty_moments<acc_t>();
-  acc_t e[N];
+  acc_t e[N], dv[N];
   acc_t s = 0, sd = 0;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    e[i] = (i < n && unmasked[i]) ? exp_of(a[i] - mx) : acc_t(0);
+    e[i] = exp_of(in[i] ? a[i] - mx : neg_inf<acc_t>());
+    dv[i] = in[i] ? d[i] : acc_t(0);
     s += e[i];
-    sd += (i < n && unmasked[i]) ? e[i] * d[i] : acc_t(0);
+    sd += e[i] * dv[i];
   }
   const acc_t mean = sd / s;
   acc_t m2 = 0;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    const acc_t c = d[i] - mean;
-    m2 += (i < n && unmasked[i]) ? e[i] * c * c : acc_t(0);
+    const acc_t c = dv[i] - mean;
+    m2 += e[i] * c * c;
   }
   return {mx, s, mean, m2};
 }

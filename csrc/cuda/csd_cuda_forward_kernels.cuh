@@ -33,7 +33,7 @@ struct ForwardArgs {
   const bool* row_mask;      // nullptr: every row counts
   acc_t* loss;               // [rows]
   acc_t* stats;              // [rows, kNumStats], contiguous
-  RowState<acc_t>* partial;  // [rows, segs] when segs > 1
+  void* partial;             // [rows, segs] RowState<acc_t, kBases> of the launched variant, when segs > 1
   Mixture<acc_t> w1, w2;
   ForwardMath<acc_t> math;
 };
@@ -53,12 +53,13 @@ __device__ __forceinline__ RowResult<acc_t> ignored_row() {
 // block, cub::WarpReduce) or the whole block (cub::BlockReduce).  Every exit
 // before the reduction is taken by a whole group, so the CUB collectives
 // always see all their threads; `group` is the same for the whole grid.
-template <typename zs_t, typename ts_t, typename acc_t>
+template <typename zs_t, typename ts_t, typename acc_t, unsigned kBases>
 __global__ void __launch_bounds__(kThreads, MinBlocks<acc_t>::kForward)
     csd_forward_kernel(const zs_t* __restrict__ student, const ts_t* __restrict__ teacher,
                        const ForwardArgs<acc_t> a) {
-  using BlockReduce = cub::BlockReduce<RowState<acc_t>, kThreads>;
-  using WarpReduce = cub::WarpReduce<RowState<acc_t>, kWarp>;
+  using State = RowState<acc_t, kBases>;
+  using BlockReduce = cub::BlockReduce<State, kThreads>;
+  using WarpReduce = cub::WarpReduce<State, kWarp>;
   // Each TempStorage is used once per block, so none needs a __syncthreads
   // before reuse.
   __shared__ union {
@@ -80,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<acc_t>::kForward)
   const int64_t begin = seg * a.seg_len;
   const int n = int(a.vocab - begin < a.seg_len ? a.vocab - begin : a.seg_len);
 
-  RowState<acc_t> st = empty_state<acc_t>();
+  State st = empty_state<acc_t, kBases>();
   accumulate_segment(st, student + row * a.zstride + begin, teacher + row * a.tstride + begin, n,
                      lane, a.group, a.math);
   // The aggregate is valid in lane 0 of the group only.
@@ -91,17 +92,18 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<acc_t>::kForward)
   }
   if (lane != 0) return;
   if (a.segs == 1) {
-    write_row(a, row, finalize_row(st.s, st.t, st.u, a.w1, a.w2), true);
+    write_row(a, row, finalize_row(st.s(), st.t(), st.u(), a.w1, a.w2), true);
   } else {
-    a.partial[item] = st;
+    static_cast<State*>(a.partial)[item] = st;
   }
 }
 
 // A warp per row: lane l merges the states of segments l and l + 32, then
 // cub::WarpReduce merges the lanes (segs <= kMaxSegments).
-template <typename acc_t>
+template <typename acc_t, unsigned kBases>
 __global__ void __launch_bounds__(kThreads) csd_merge_segments_kernel(const ForwardArgs<acc_t> a) {
-  using WarpReduce = cub::WarpReduce<RowState<acc_t>, kWarp>;
+  using State = RowState<acc_t, kBases>;
+  using WarpReduce = cub::WarpReduce<State, kWarp>;
   __shared__ typename WarpReduce::TempStorage tmp[kThreads / kWarp];
   const int lane = int(threadIdx.x) % kWarp;
   const int slot = int(threadIdx.x) / kWarp;
@@ -111,11 +113,11 @@ __global__ void __launch_bounds__(kThreads) csd_merge_segments_kernel(const Forw
     if (lane == 0) write_row(a, row, ignored_row<acc_t>(), false);
     return;
   }
-  const RowState<acc_t>* part = a.partial + row * a.segs;
-  RowState<acc_t> st = lane < a.segs ? part[lane] : empty_state<acc_t>();
+  const State* part = static_cast<const State*>(a.partial) + row * a.segs;
+  State st = lane < a.segs ? part[lane] : empty_state<acc_t, kBases>();
   if (lane + kWarp < a.segs) st = merge_state(st, part[lane + kWarp]);
   st = WarpReduce(tmp[slot]).Reduce(st, MergeState{});
-  if (lane == 0) write_row(a, row, finalize_row(st.s, st.t, st.u, a.w1, a.w2), true);
+  if (lane == 0) write_row(a, row, finalize_row(st.s(), st.t(), st.u(), a.w1, a.w2), true);
 }
 
 template <typename acc_t>
@@ -124,11 +126,12 @@ Mixture<acc_t> cast_mixture(const Mixture<double>& m) {
 }
 
 // The forward kernels' arguments for [rows, vocab] inputs with the given row
-// strides; `partial` holds rows * plan.segs states when plan.segs > 1.
+// strides; `partial` holds rows * plan.segs states of the variant that will
+// be launched when plan.segs > 1.
 template <typename acc_t>
 ForwardArgs<acc_t> forward_args(int64_t rows, int64_t vocab, int64_t zstride, int64_t tstride,
                                 const LaunchPlan& plan, const bool* row_mask, acc_t* loss,
-                                acc_t* stats, RowState<acc_t>* partial, const Mixture<double>& w1,
+                                acc_t* stats, void* partial, const Mixture<double>& w1,
                                 const Mixture<double>& w2, double inv_temperature) {
   ForwardArgs<acc_t> a{};
   a.rows = rows;

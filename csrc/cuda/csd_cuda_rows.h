@@ -27,6 +27,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "../csd_math.h"
 
@@ -101,8 +102,25 @@ CSD_HD RowPlan plan_row(int n, int skip_a, int skip_b, int skip_c) {
   return {head, nvec, n - head - nvec * W, true};
 }
 
+// A position of a chunk that holds no element of the segment (past its end,
+// or the unused positions of the head-and-tail step) is filled with -inf:
+// the math treats it exactly as a masked vocabulary entry (left out of every
+// sum, gradient 0), so the chunk code needs no separate validity flags.
+template <typename T>
+CSD_HD T no_element() {
+  return T(-std::numeric_limits<float>::infinity());
+}
+
+template <typename T, int W>
+CSD_HD VecOf<T, W> no_elements() {
+  VecOf<T, W> x;
+#pragma unroll
+  for (int j = 0; j < W; ++j) x.v[j] = no_element<T>();
+  return x;
+}
+
 // Loads the elements at + i, i < min(E, left), of z and t into zr/tr (K
-// vectors of W); positions past `left` get zeros.
+// vectors of W); positions past `left` get no_element().
 template <int E, int W, typename zs_t, typename ts_t>
 CSD_HD void fetch_body(VecOf<zs_t, W> (&zr)[E / W], VecOf<ts_t, W> (&tr)[E / W], const zs_t* z,
                        const ts_t* t, int at, int left, bool vectorized) {
@@ -111,8 +129,8 @@ CSD_HD void fetch_body(VecOf<zs_t, W> (&zr)[E / W], VecOf<ts_t, W> (&tr)[E / W],
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const bool in = k * W < left;
-      zr[k] = in ? load_vec<W>(z + at + k * W) : VecOf<zs_t, W>{};
-      tr[k] = in ? load_vec<W>(t + at + k * W) : VecOf<ts_t, W>{};
+      zr[k] = in ? load_vec<W>(z + at + k * W) : no_elements<zs_t, W>();
+      tr[k] = in ? load_vec<W>(t + at + k * W) : no_elements<ts_t, W>();
     }
   } else {
 #pragma unroll
@@ -120,18 +138,18 @@ CSD_HD void fetch_body(VecOf<zs_t, W> (&zr)[E / W], VecOf<ts_t, W> (&tr)[E / W],
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         const int i = k * W + j;
-        zr[k].v[j] = i < left ? z[at + i] : zs_t{};
-        tr[k].v[j] = i < left ? t[at + i] : ts_t{};
+        zr[k].v[j] = i < left ? z[at + i] : no_element<zs_t>();
+        tr[k].v[j] = i < left ? t[at + i] : no_element<ts_t>();
       }
     }
   }
 }
 
 // Walks this lane's share of the segment [0, n) in chunks of E elements.
-// f(z, t, valid, out) sees each chunk (converted to acc_t; `valid` marks the
-// positions that hold an element); with `out` != nullptr, f's out[] is
-// stored (as zs_t) to the same positions of `out`.  With read == false
-// nothing is loaded (every position is invalid) but out is still written.
+// f(z, t, out) sees each chunk, converted to acc_t, with -inf at the
+// positions that hold no element; with `out` != nullptr, f's out[] is
+// stored (as zs_t) to the positions that do.  With read == false nothing is
+// loaded (every position holds -inf) but out is still written.
 template <int E, typename acc_t, typename zs_t, typename ts_t, typename F>
 CSD_HD void walk_segment(const zs_t* z, const ts_t* t, zs_t* out, int n, int lane, int group,
                          bool read, F& f) {
@@ -153,18 +171,22 @@ CSD_HD void walk_segment(const zs_t* z, const ts_t* t, zs_t* out, int n, int lan
 
   // Raw chunk of step s: the body, or the head and tail elements (flat
   // positions 0 and 1) when s == steps.
-  ZV zr[K] = {};
-  TV tr[K] = {};
+  ZV zr[K];
+  TV tr[K];
+  auto clear = [&] {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      zr[k] = no_elements<zs_t, W>();
+      tr[k] = no_elements<ts_t, W>();
+    }
+  };
+  clear();
   auto fetch = [&](int s) {
     if (s < steps) {
       fetch_body<E>(zr, tr, z, t, first + s * step, body - (lane * E + s * step), vec);
       return;
     }
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      zr[k] = ZV{};
-      tr[k] = TV{};
-    }
+    clear();
     if (lane < head) {
       zr[0].v[0] = z[lane];
       tr[0].v[0] = t[lane];
@@ -178,7 +200,6 @@ CSD_HD void walk_segment(const zs_t* z, const ts_t* t, zs_t* out, int n, int lan
 #pragma unroll 1
   for (int s = 0; s <= steps; ++s) {
     acc_t zc[E], tc[E], res[E] = {};
-    bool valid[E];
     const int left = body - (lane * E + s * step);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -188,13 +209,12 @@ CSD_HD void walk_segment(const zs_t* z, const ts_t* t, zs_t* out, int n, int lan
         // Converted right after the load: all math is in acc_t.
         zc[i] = static_cast<acc_t>(zr[k].v[j]);
         tc[i] = static_cast<acc_t>(tr[k].v[j]);
-        valid[i] = read && (s < steps ? i < left : (i == 0 && lane < head) || (i == 1 && lane < tail));
       }
     }
     // Issue the next step's loads before this chunk's math, so they are in
     // flight while it runs.
     if (read && s < steps) fetch(s + 1);
-    f(zc, tc, valid, res);
+    f(zc, tc, res);
     if (out == nullptr) continue;
     if (s == steps) {
       if (lane < head) out[lane] = static_cast<zs_t>(res[0]);
@@ -222,25 +242,75 @@ CSD_HD void walk_segment(const zs_t* z, const ts_t* t, zs_t* out, int n, int lan
 // ---------------------------------------------------------------------------
 // Forward: per-thread moments of d under S, T and U.
 // ---------------------------------------------------------------------------
-template <typename acc_t>
-struct RowState {
-  Moments<acc_t> s, t, u;
-};
+// Which base distributions (S, T, U) a kernel variant is compiled for, as
+// a bit set.  Each weighting pair needs only some of them (SS: S; TS, MM: S
+// and T; US: S and U), and a variant built for exactly that set carries only
+// those moments in its state and skips the others' code, at compile time:
+// fewer registers (more resident blocks) and fewer instructions per element.
+// kBaseAll is the general variant, for any pair: it tests `Needs` at run time.
+enum BaseSet : unsigned { kBaseS = 1u, kBaseT = 2u, kBaseU = 4u, kBaseAll = 7u };
 
-template <typename acc_t>
-CSD_HD RowState<acc_t> empty_state() {
-  return {empty_moments<acc_t>(), empty_moments<acc_t>(), empty_moments<acc_t>()};
+constexpr int base_count(unsigned bases) {
+  return int((bases & 1u) + ((bases >> 1) & 1u) + ((bases >> 2) & 1u));
 }
 
-template <typename acc_t>
-CSD_HD RowState<acc_t> merge_state(const RowState<acc_t>& a, const RowState<acc_t>& b) {
-  return {merge(a.s, b.s), merge(a.t, b.t), merge(a.u, b.u)};
+// Whether a variant computes base `b`: never if it is not in the variant's
+// set; always in an exact variant; per `need` in the general one.
+template <unsigned kBases>
+CSD_HD bool computes(unsigned b, const Needs& need) {
+  if ((kBases & b) == 0u) return false;
+  if (kBases != kBaseAll) return true;
+  return b == kBaseS ? need.s : b == kBaseT ? need.t : need.u;
+}
+
+// The moments of d under each base distribution of the set, in S, T, U order.
+template <typename acc_t, unsigned kBases = kBaseAll>
+struct RowState {
+  static constexpr int kCount = base_count(kBases);
+  Moments<acc_t> m[kCount];
+
+  template <unsigned b>
+  CSD_HD Moments<acc_t>& get() {
+    static_assert((kBases & b) != 0u, "this variant has no moments for that base");
+    return m[base_count(kBases & (b - 1u))];
+  }
+  // The moments of a base, empty when the variant does not carry it
+  // (finalize_row ignores what the weighting does not use).
+  template <unsigned b>
+  CSD_HD Moments<acc_t> get_or_empty() const {
+    if constexpr ((kBases & b) != 0u) {
+      return m[base_count(kBases & (b - 1u))];
+    } else {
+      return empty_moments<acc_t>();
+    }
+  }
+  CSD_HD Moments<acc_t> s() const { return get_or_empty<kBaseS>(); }
+  CSD_HD Moments<acc_t> t() const { return get_or_empty<kBaseT>(); }
+  CSD_HD Moments<acc_t> u() const { return get_or_empty<kBaseU>(); }
+};
+
+template <typename acc_t, unsigned kBases = kBaseAll>
+CSD_HD RowState<acc_t, kBases> empty_state() {
+  RowState<acc_t, kBases> st;
+#pragma unroll
+  for (int i = 0; i < RowState<acc_t, kBases>::kCount; ++i) st.m[i] = empty_moments<acc_t>();
+  return st;
+}
+
+template <typename acc_t, unsigned kBases>
+CSD_HD RowState<acc_t, kBases> merge_state(const RowState<acc_t, kBases>& a,
+                                           const RowState<acc_t, kBases>& b) {
+  RowState<acc_t, kBases> out;
+#pragma unroll
+  for (int i = 0; i < RowState<acc_t, kBases>::kCount; ++i) out.m[i] = merge(a.m[i], b.m[i]);
+  return out;
 }
 
 // The reduction operator handed to cub::BlockReduce / cub::WarpReduce.
 struct MergeState {
-  template <typename acc_t>
-  CSD_HD RowState<acc_t> operator()(const RowState<acc_t>& a, const RowState<acc_t>& b) const {
+  template <typename acc_t, unsigned kBases>
+  CSD_HD RowState<acc_t, kBases> operator()(const RowState<acc_t, kBases>& a,
+                                            const RowState<acc_t, kBases>& b) const {
     return merge_state(a, b);
   }
 };
@@ -252,37 +322,42 @@ struct ForwardMath {
 };
 
 // Folds one chunk held in registers into the thread's state.
-template <typename acc_t>
+template <typename acc_t, unsigned kBases>
 struct Accumulate {
-  RowState<acc_t> st;
+  RowState<acc_t, kBases> st;
   ForwardMath<acc_t> m;
 
   template <int E>
-  CSD_HD void operator()(const acc_t (&z)[E], const acc_t (&t)[E], const bool (&valid)[E],
-                         acc_t (&)[E]) {
+  CSD_HD void operator()(const acc_t (&z)[E], const acc_t (&t)[E], acc_t (&)[E]) {
     // d and both weight logits first, so z and t are dead before the
     // exps: fewer registers live at once.
     bool ok[E];
     acc_t d[E], as[E], at[E], zero[E];
 #pragma unroll
     for (int i = 0; i < E; ++i) {
-      ok[i] = valid[i] && is_unmasked(z[i], t[i]);
+      ok[i] = is_unmasked(z[i], t[i]);
       d[i] = ok[i] ? z[i] - t[i] : acc_t(0);
       as[i] = z[i] * m.inv_temp;
       at[i] = t[i] * m.inv_temp;
       zero[i] = acc_t(0);
     }
-    if (m.need.s) st.s = merge(st.s, chunk_moments(as, d, ok));
-    if (m.need.t) st.t = merge(st.t, chunk_moments(at, d, ok));
-    if (m.need.u) st.u = merge(st.u, chunk_moments(zero, d, ok));
+    if constexpr ((kBases & kBaseS) != 0u) {
+      if (computes<kBases>(kBaseS, m.need)) st.template get<kBaseS>() = merge(st.template get<kBaseS>(), chunk_moments(as, d, ok));
+    }
+    if constexpr ((kBases & kBaseT) != 0u) {
+      if (computes<kBases>(kBaseT, m.need)) st.template get<kBaseT>() = merge(st.template get<kBaseT>(), chunk_moments(at, d, ok));
+    }
+    if constexpr ((kBases & kBaseU) != 0u) {
+      if (computes<kBases>(kBaseU, m.need)) st.template get<kBaseU>() = merge(st.template get<kBaseU>(), chunk_moments(zero, d, ok));
+    }
   }
 };
 
 // This lane's moments of [0, n) of one row segment, merged into `st`.
-template <typename acc_t, typename zs_t, typename ts_t>
-CSD_HD void accumulate_segment(RowState<acc_t>& st, const zs_t* z, const ts_t* t, int n,
+template <typename acc_t, unsigned kBases, typename zs_t, typename ts_t>
+CSD_HD void accumulate_segment(RowState<acc_t, kBases>& st, const zs_t* z, const ts_t* t, int n,
                                int lane, int group, const ForwardMath<acc_t>& m) {
-  Accumulate<acc_t> f{st, m};
+  Accumulate<acc_t, kBases> f{st, m};
   walk_segment<Shape<zs_t, ts_t>::kChunk, acc_t>(z, t, static_cast<zs_t*>(nullptr), n, lane,
                                                  group, true, f);
   st = f.st;
@@ -318,10 +393,9 @@ struct Gradient {
   GradMath<acc_t> g;
 
   template <int E>
-  CSD_HD void operator()(const acc_t (&z)[E], const acc_t (&t)[E], const bool (&valid)[E],
-                         acc_t (&out)[E]) const {
+  CSD_HD void operator()(const acc_t (&z)[E], const acc_t (&t)[E], acc_t (&out)[E]) const {
 #pragma unroll
-    for (int i = 0; i < E; ++i) out[i] = valid[i] ? grad_of(z[i], t[i], g) : acc_t(0);
+    for (int i = 0; i < E; ++i) out[i] = grad_of(z[i], t[i], g);
   }
 };
 

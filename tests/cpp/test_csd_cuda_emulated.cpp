@@ -14,11 +14,14 @@
 
 #include "../../csrc/cuda/csd_cuda_backward_kernel.cuh"
 #include "../../csrc/cuda/csd_cuda_forward_kernels.cuh"
+#include "../../csrc/cuda/csd_cuda_variants.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <limits>
 #include <random>
 #include <string>
@@ -67,13 +70,12 @@ template <typename T>
 struct Rows {
   std::vector<T> mem;
   T* data;
-  int64_t stride;
-  Rows(int64_t rows, int64_t vocab, int64_t stride_, int64_t offset)
-      : mem(size_t(rows * stride_ + offset + 256)), stride(stride_) {
+  int64_t rows, vocab, stride;
+  Rows(int64_t rows_, int64_t vocab_, int64_t stride_, int64_t offset)
+      : mem(size_t(rows_ * stride_ + offset + 256)), rows(rows_), vocab(vocab_), stride(stride_) {
     T* base = mem.data();
     while (reinterpret_cast<uintptr_t>(base) % 256 != 0) ++base;
     data = base + offset;
-    (void)vocab;
   }
   T& at(int64_t r, int64_t i) { return data[r * stride + i]; }
 };
@@ -152,6 +154,35 @@ RowRef reference_row(const std::vector<double>& z, const std::vector<double>& t,
   return r;
 }
 
+// Runs the forward kernels as launch_forward does: the launch plan, the
+// kernel variant for the weighting (or the general one, to compare), the
+// split-row scratch states and the merge kernel.
+template <typename zs_t, typename ts_t, typename acc_t = acc_of<zs_t, ts_t>>
+void emulated_forward(const Rows<zs_t>& z, const Rows<ts_t>& t, const bool* mask_ptr,
+                                    const Mixture<double>& m1, const Mixture<double>& m2, double inv_temp,
+                                    std::vector<acc_t>& loss, std::vector<acc_t>& stats, bool force_general) {
+  const int64_t rows = z.rows, vocab = z.vocab;
+  loss.assign(size_t(rows), acc_t(-999));
+  stats.assign(size_t(rows * kNumStats), acc_t(-999));
+  const LaunchPlan plan = plan_forward(rows, vocab, kSms);
+  const ForwardArgs<acc_t> args = forward_args<acc_t>(rows, vocab, z.stride, t.stride, plan, mask_ptr, loss.data(),
+                                                      stats.data(), nullptr, m1, m2, inv_temp);
+  auto launch = [&](auto variant) {
+    constexpr unsigned kBases = decltype(variant)::value;
+    ForwardArgs<acc_t> a = args;
+    std::vector<RowState<acc_t, kBases>> partial(size_t(plan.segs > 1 ? rows * plan.segs : 0));
+    if (!partial.empty()) a.partial = partial.data();
+    emu::launch(plan.blocks, kThreads, csd_forward_kernel<zs_t, ts_t, acc_t, kBases>,
+                static_cast<const zs_t*>(z.data), static_cast<const ts_t*>(t.data), a);
+    if (plan.segs > 1) emu::launch(ceil_div(rows, kThreads / kWarp), kThreads, csd_merge_segments_kernel<acc_t, kBases>, a);
+  };
+  if (force_general) {
+    launch(BaseTag<kBaseAll>{});
+  } else {
+    with_variant<zs_t, ts_t, acc_t>(args.math.need, launch);
+  }
+}
+
 template <typename zs_t, typename ts_t>
 void run_case(const Case& c) {
   using acc_t = acc_of<zs_t, ts_t>;
@@ -187,16 +218,9 @@ void run_case(const Case& c) {
   const Mixture<double> m2 = mixture_of<double>(c.weighting[1], c.alpha);
   const double inv_temp = 1.0 / c.temperature;
 
-  // Forward, as launch_forward does it.
-  std::vector<acc_t> loss(size_t(rows), acc_t(-999)), stats(size_t(rows * kNumStats), acc_t(-999));
-  const LaunchPlan fplan = plan_forward(rows, vocab, kSms);
-  std::vector<RowState<acc_t>> partial(size_t(fplan.segs > 1 ? rows * fplan.segs : 0));
-  const ForwardArgs<acc_t> fa = forward_args<acc_t>(rows, vocab, z.stride, t.stride, fplan, mask_ptr,
-                                                    loss.data(), stats.data(),
-                                                    partial.empty() ? nullptr : partial.data(), m1, m2, inv_temp);
-  emu::launch(fplan.blocks, kThreads, csd_forward_kernel<zs_t, ts_t, acc_t>, static_cast<const zs_t*>(z.data),
-              static_cast<const ts_t*>(t.data), fa);
-  if (fplan.segs > 1) emu::launch(ceil_div(rows, kThreads / kWarp), kThreads, csd_merge_segments_kernel<acc_t>, fa);
+  // Forward, as launch_forward does it (the same variant for the weighting).
+  std::vector<acc_t> loss, stats;
+  emulated_forward<zs_t, ts_t>(z, t, mask_ptr, m1, m2, inv_temp, loss, stats, /*force_general=*/false);
 
   // Backward, as launch_backward does it.
   std::vector<acc_t> grad_out(static_cast<size_t>(rows));
@@ -354,6 +378,88 @@ TEST_CASE(broadcast_grad_output_and_offset_logits) {
     run_case<float, float>(c);
     c.rows = 40, c.vocab = 300;
     run_case<float, Bf16>(c);
+  }
+}
+
+// The variant chosen for each weighting: exact ones for SS (S), TS/MM
+// (S and T) and US (S and U) with equal fp32/bf16/fp16 dtypes; the general
+// one otherwise.
+TEST_CASE(variant_selection) {
+  auto pick = [](const char* w, auto zs, auto ts) {
+    using zs_t = decltype(zs);
+    using ts_t = decltype(ts);
+    const Mixture<float> m1 = mixture_of<float>(w[0], 0.15f), m2 = mixture_of<float>(w[1], 0.15f);
+    return variant_for<zs_t, ts_t, acc_of<zs_t, ts_t>>(needs_of(m1, m2));
+  };
+  CHECK(pick("SS", Bf16{}, Bf16{}) == kBaseS);
+  CHECK(pick("SS", float{}, float{}) == kBaseS);
+  CHECK(pick("SS", Half{}, Half{}) == kBaseS);
+  CHECK(pick("TS", Bf16{}, Bf16{}) == (kBaseS | kBaseT));
+  CHECK(pick("ST", Bf16{}, Bf16{}) == (kBaseS | kBaseT));
+  CHECK(pick("MM", Bf16{}, Bf16{}) == (kBaseS | kBaseT));
+  CHECK(pick("US", Bf16{}, Bf16{}) == (kBaseS | kBaseU));
+  CHECK(pick("TT", Bf16{}, Bf16{}) == kBaseAll);
+  CHECK(pick("UU", Bf16{}, Bf16{}) == kBaseAll);
+  CHECK(pick("TU", Bf16{}, Bf16{}) == kBaseAll);
+  CHECK(pick("MU", Bf16{}, Bf16{}) == kBaseAll);
+  CHECK(pick("SS", Bf16{}, float{}) == kBaseAll);
+  CHECK(pick("SS", double{}, double{}) == kBaseAll);
+  // M with alpha = 0 is S alone, and needs only S's moments.
+  CHECK((variant_for<Bf16, Bf16, float>(needs_of(mixture_of<float>('M', 0.0f), mixture_of<float>('S', 0.0f)))) == kBaseS);
+}
+
+// An exact variant computes the same operations as the general variant on
+// the bases it carries, so loss and statistics must be bit-identical.
+template <typename T>
+void exact_variant_matches_general(const Case& c) {
+  std::mt19937 rng(c.seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::uniform_real_distribution<double> unif(0.0, 1.0);
+  Rows<T> z(c.rows, c.vocab, c.vocab + c.pad, c.z_offset), t(c.rows, c.vocab, c.vocab + c.pad, c.t_offset);
+  for (int64_t r = 0; r < c.rows; ++r) {
+    for (int64_t i = 0; i < c.vocab; ++i) {
+      const double base = c.scale * normal(rng);
+      double zv = base + 0.5 * c.scale * normal(rng), tv = base;
+      if (unif(rng) < c.mask_frac) (unif(rng) < 0.5 ? zv : tv) = -kInf;
+      z.at(r, i) = T(zv);
+      t.at(r, i) = T(tv);
+    }
+  }
+  std::unique_ptr<bool[]> keep(new bool[size_t(c.rows)]);
+  for (int64_t r = 0; r < c.rows; ++r) keep[r] = unif(rng) >= c.ignore_frac;
+  const Mixture<double> m1 = mixture_of<double>(c.weighting[0], c.alpha), m2 = mixture_of<double>(c.weighting[1], c.alpha);
+  std::vector<float> loss_x, stats_x, loss_g, stats_g;
+  emulated_forward<T, T>(z, t, keep.get(), m1, m2, 1.0 / c.temperature, loss_x, stats_x, false);
+  emulated_forward<T, T>(z, t, keep.get(), m1, m2, 1.0 / c.temperature, loss_g, stats_g, true);
+  const std::string where = describe(c, name_of<T>(), name_of<T>());
+  for (size_t i = 0; i < loss_x.size(); ++i) {
+    if (std::memcmp(&loss_x[i], &loss_g[i], sizeof(float)) != 0) {
+      check::fail(__FILE__, __LINE__, where + ": loss of row " + std::to_string(i) + " differs: " +
+                                          std::to_string(loss_x[i]) + " vs " + std::to_string(loss_g[i]));
+      return;
+    }
+  }
+  for (size_t i = 0; i < stats_x.size(); ++i) {
+    if (std::memcmp(&stats_x[i], &stats_g[i], sizeof(float)) != 0) {
+      check::fail(__FILE__, __LINE__, where + ": stats entry " + std::to_string(i) + " differs");
+      return;
+    }
+  }
+}
+
+TEST_CASE(exact_variants_match_the_general_variant_bitwise) {
+  for (const char* w : {"SS", "TS", "ST", "US", "SU", "MM", "MS", "SM"}) {
+    for (int64_t vocab : {1000, 32000}) {
+      for (int64_t rows : {3, 300}) {  // split rows, then a block (or a warp) per row
+        if (rows == 300 && vocab == 32000) continue;
+        Case c;
+        c.rows = rows, c.vocab = vocab, c.weighting = w, c.alpha = 0.15, c.temperature = 1.5;
+        c.mask_frac = 0.03, c.ignore_frac = 0.2, c.z_offset = 3, c.t_offset = 3, c.pad = 5, c.seed = uint32_t(vocab + rows);
+        exact_variant_matches_general<float>(c);
+        exact_variant_matches_general<Bf16>(c);
+        exact_variant_matches_general<Half>(c);
+      }
+    }
   }
 }
 

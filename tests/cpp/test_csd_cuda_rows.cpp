@@ -190,19 +190,19 @@ void check_forward(int n, int oz, int ot, int group, double masked, uint32_t see
                             std::to_string(n) + " offsets=" + std::to_string(oz) + "," +
                             std::to_string(ot) + " group=" + std::to_string(group);
   // Exactly once: U's sum is the number of unmasked entries visited.
-  if (st.u.sum != acc_t(count)) {
-    check::fail(__FILE__, __LINE__, where + ": visited " + std::to_string(double(st.u.sum)) +
+  if (st.u().sum != acc_t(count)) {
+    check::fail(__FILE__, __LINE__, where + ": visited " + std::to_string(double(st.u().sum)) +
                                         " unmasked entries, expected " + std::to_string(count));
     return;
   }
   if (count == 0) {
-    CHECK(is_empty(st.s) && is_empty(st.t) && is_empty(st.u));
+    CHECK(is_empty(st.s()) && is_empty(st.t()) && is_empty(st.u()));
     return;
   }
   const double rtol = std::is_same_v<acc_t, double> ? 1e-11 : 5e-5;
-  const Moments<acc_t>* got[3] = {&st.s, &st.t, &st.u};
+  const Moments<acc_t> got[3] = {st.s(), st.t(), st.u()};
   for (int w = 0; w < 3; ++w) {
-    const Moments<acc_t>& g = *got[w];
+    const Moments<acc_t>& g = got[w];
     const double scale = std::exp(double(g.max) - ref.max[w]);
     const bool ok = check::close(g.max, ref.max[w], 1e-6, 0) &&
                     check::close(g.sum * scale, ref.sum[w], rtol, 0) &&
@@ -371,13 +371,13 @@ TEST_CASE(split_rows_merge_to_the_whole_row) {
       row = merge_state(row, reduce_like_cub(lanes));
     }
     const Ref<double> ref = reference(zb.data, tb.data, int(vocab), 1.0);
-    const double scale = std::exp(double(row.s.max) - ref.max[0]);
-    CHECK_CLOSE(row.s.mean, ref.mean[0], 1e-4, 1e-4);
-    CHECK_CLOSE(row.s.m2 * scale, ref.m2[0], 1e-3, 0);
+    const double scale = std::exp(double(row.s().max) - ref.max[0]);
+    CHECK_CLOSE(row.s().mean, ref.mean[0], 1e-4, 1e-4);
+    CHECK_CLOSE(row.s().m2 * scale, ref.m2[0], 1e-3, 0);
     int count = 0;
     for (int64_t i = 0; i < vocab; ++i) count += float(zb.data[i]) != -INFINITY && float(tb.data[i]) != -INFINITY;
-    CHECK(row.u.sum == float(count));
-    const auto res = finalize_row(row.s, row.t, row.u, mixture_of<acc_t>('S', 0.5f), mixture_of<acc_t>('S', 0.5f));
+    CHECK(row.u().sum == float(count));
+    const auto res = finalize_row(row.s(), row.t(), row.u(), mixture_of<acc_t>('S', 0.5f), mixture_of<acc_t>('S', 0.5f));
     CHECK_CLOSE(res.loss, 0.5 * ref.m2[0] / ref.sum[0], 1e-3, 0);
   }
 }

@@ -365,10 +365,17 @@ TEST_CASE(nan_propagates) {
   const auto m = csd::chunk_moments<float, 4>(a, d, all);
   CHECK(std::isnan(m.mean) && std::isnan(m.m2));
   CHECK(!csd::is_empty(m));
-  // A NaN weight logit poisons max and sum, and is not mistaken for empty.
+  // A NaN weight logit poisons the sum (its weight is NaN), and the state
+  // is not mistaken for empty.
   float a2[4] = {0.f, float(kNaN), 2.f, 3.f}, d2[4] = {1.f, 2.f, 0.f, 2.f};
   const auto m2 = csd::chunk_moments<float, 4>(a2, d2, all);
-  CHECK(std::isnan(m2.max) && !csd::is_empty(m2));
+  CHECK(std::isnan(m2.sum) && std::isnan(m2.mean) && !csd::is_empty(m2));
+  // Also when it is the chunk's only entry.
+  bool first_only[4] = {false, true, false, false};
+  const auto m3 = csd::chunk_moments<float, 4>(a2, d2, first_only);
+  CHECK(std::isnan(m3.sum) && !csd::is_empty(m3));
+  CHECK(std::isnan(csd::merge(csd::push(csd::empty_moments<float>(), 0.5f, 1.0f), m3).sum));
+  CHECK(std::isnan(csd::merge(m3, csd::push(csd::empty_moments<float>(), 0.5f, 1.0f)).sum));
   const auto ok = csd::push(csd::empty_moments<float>(), 0.5f, 1.0f);
   for (const auto& bad : {m, m2}) {
     CHECK(std::isnan(csd::merge(ok, bad).mean) || std::isnan(csd::merge(ok, bad).sum));
