@@ -9,6 +9,7 @@
 #include "csd_cuda_backward_kernel.cuh"
 #include "csd_cuda_dispatch.cuh"
 #include "csd_cuda_launch.h"
+#include "csd_cuda_variants.h"
 
 namespace csd {
 namespace gpu {
@@ -26,11 +27,13 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& student,
     const BackwardArgs<acc_t> a = backward_args<acc_t>(
         rows, vocab, student.stride(0), teacher.stride(0), plan, grad_loss.const_data_ptr<acc_t>(),
         grad_loss.stride(0), stats.const_data_ptr<acc_t>(), cfg.w1, cfg.w2, cfg.inv_temperature);
-    csd_backward_kernel<zs_t, ts_t, acc_t>
-        <<<static_cast<unsigned int>(plan.blocks), kThreads, 0, stream>>>(
-            grad.mutable_data_ptr<zs_t>(), student.const_data_ptr<zs_t>(),
-            teacher.const_data_ptr<ts_t>(), a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_variant<zs_t, ts_t, acc_t>(a.need, [&](auto variant) {
+      csd_backward_kernel<zs_t, ts_t, acc_t, decltype(variant)::value>
+          <<<static_cast<unsigned int>(plan.blocks), kThreads, 0, stream>>>(
+              grad.mutable_data_ptr<zs_t>(), student.const_data_ptr<zs_t>(),
+              teacher.const_data_ptr<ts_t>(), a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 

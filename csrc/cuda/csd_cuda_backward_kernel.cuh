@@ -30,7 +30,7 @@ struct BackwardArgs {
   acc_t inv_temp;
 };
 
-template <typename zs_t, typename ts_t, typename acc_t>
+template <typename zs_t, typename ts_t, typename acc_t, unsigned kBases>
 __global__ void __launch_bounds__(kThreads, MinBlocks<acc_t>::kBackward)
     csd_backward_kernel(zs_t* __restrict__ grad, const zs_t* __restrict__ student,
                         const ts_t* __restrict__ teacher, const BackwardArgs<acc_t> a) {
@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<acc_t>::kBackward)
   g.mean2 = st[kMean2];
   g.live = weight != acc_t(0);  // ignored token: exact zeros, whatever its logits hold
   g.half_scale = g.live ? acc_t(0.5) * a.grad_loss[row * a.grad_loss_stride] * weight : acc_t(0);
-  grad_segment(grad + row * a.vocab + begin, student + row * a.zstride + begin,
+  grad_segment<kBases>(grad + row * a.vocab + begin, student + row * a.zstride + begin,
                teacher + row * a.tstride + begin, n, lane, a.group, g);
 }
 

@@ -125,7 +125,13 @@ template <int E, int W, typename zs_t, typename ts_t>
 CSD_HD void fetch_body(VecOf<zs_t, W> (&zr)[E / W], VecOf<ts_t, W> (&tr)[E / W], const zs_t* z,
                        const ts_t* t, int at, int left, bool vectorized) {
   constexpr int K = E / W;
-  if (vectorized) {  // `left` is a multiple of W: a vector is wholly in or out
+  if (vectorized && left >= E) {  // a whole chunk: no fill, no per-vector test
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      zr[k] = load_vec<W>(z + at + k * W);
+      tr[k] = load_vec<W>(t + at + k * W);
+    }
+  } else if (vectorized) {  // `left` is a multiple of W: a vector is wholly in or out
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const bool in = k * W < left;
@@ -377,33 +383,54 @@ struct GradMath {
   bool live;         // false for an ignored row: write zeros, read nothing
 };
 
-// Gradient of one element (0 where z or t is -inf).
-template <typename acc_t>
-CSD_HD acc_t grad_of(acc_t z, acc_t t, const GradMath<acc_t>& g) {
-  if (!is_unmasked(z, t)) return acc_t(0);
-  const acc_t ws = g.need.s ? exp_of(z * g.inv_temp - g.lse_s) : acc_t(0);
-  const acc_t wt = g.need.t ? exp_of(t * g.inv_temp - g.lse_t) : acc_t(0);
-  const acc_t w1 = mixture_weight(g.w1, ws, wt, g.inv_count);
-  const acc_t w2 = mixture_weight(g.w2, ws, wt, g.inv_count);
-  return element_grad(w1, w2, z - t, g.mean1, g.mean2, g.half_scale);
+// The weight cs*S_k + ct*T_k + cu*U_k of a mixture.  An exact variant
+// leaves out the bases it does not carry: their coefficients are 0.
+template <unsigned kBases, typename acc_t>
+CSD_HD acc_t variant_weight(const Mixture<acc_t>& w, acc_t ws, acc_t wt, acc_t wu) {
+  if constexpr (kBases == kBaseAll) {
+    return mixture_weight(w, ws, wt, wu);
+  } else {
+    acc_t x = (kBases & kBaseS) != 0u ? w.s * ws : acc_t(0);
+    if constexpr ((kBases & kBaseT) != 0u) x += w.t * wt;
+    if constexpr ((kBases & kBaseU) != 0u) x += w.u * wu;
+    return x;
+  }
 }
 
-template <typename acc_t>
+// Gradient of one element (0 where z or t is -inf).  Branch-free for the
+// same reason as chunk_moments: a masked entry gets exp(-inf) = 0 weights
+// and d = 0, and the result is selected, not branched around.
+template <unsigned kBases, typename acc_t>
+CSD_HD acc_t grad_of(acc_t z, acc_t t, const GradMath<acc_t>& g) {
+  const bool ok = is_unmasked(z, t);
+  const acc_t ws = computes<kBases>(kBaseS, g.need)
+                       ? exp_of(ok ? z * g.inv_temp - g.lse_s : neg_inf<acc_t>())
+                       : acc_t(0);
+  const acc_t wt = computes<kBases>(kBaseT, g.need)
+                       ? exp_of(ok ? t * g.inv_temp - g.lse_t : neg_inf<acc_t>())
+                       : acc_t(0);
+  const acc_t w1 = variant_weight<kBases>(g.w1, ws, wt, g.inv_count);
+  const acc_t w2 = variant_weight<kBases>(g.w2, ws, wt, g.inv_count);
+  const acc_t grad = element_grad(w1, w2, ok ? z - t : acc_t(0), g.mean1, g.mean2, g.half_scale);
+  return ok ? grad : acc_t(0);
+}
+
+template <typename acc_t, unsigned kBases>
 struct Gradient {
   GradMath<acc_t> g;
 
   template <int E>
   CSD_HD void operator()(const acc_t (&z)[E], const acc_t (&t)[E], acc_t (&out)[E]) const {
 #pragma unroll
-    for (int i = 0; i < E; ++i) out[i] = grad_of(z[i], t[i], g);
+    for (int i = 0; i < E; ++i) out[i] = grad_of<kBases>(z[i], t[i], g);
   }
 };
 
 // Writes this lane's share of the gradient of [0, n) of one row segment.
-template <typename acc_t, typename zs_t, typename ts_t>
+template <unsigned kBases = kBaseAll, typename acc_t, typename zs_t, typename ts_t>
 CSD_HD void grad_segment(zs_t* out, const zs_t* z, const ts_t* t, int n, int lane, int group,
                          const GradMath<acc_t>& g) {
-  const Gradient<acc_t> f{g};
+  const Gradient<acc_t, kBases> f{g};
   walk_segment<Shape<zs_t, ts_t>::kChunk, acc_t>(z, t, out, n, lane, group, g.live, f);
 }
 

@@ -183,6 +183,28 @@ void emulated_forward(const Rows<zs_t>& z, const Rows<ts_t>& t, const bool* mask
   }
 }
 
+// Runs the backward kernel as launch_backward does, with the variant for the
+// weighting (or the general one).
+template <typename zs_t, typename ts_t, typename acc_t = acc_of<zs_t, ts_t>>
+void emulated_backward(const Rows<zs_t>& z, const Rows<ts_t>& t, const std::vector<acc_t>& grad_out, bool per_row,
+                       const std::vector<acc_t>& stats, const Mixture<double>& m1, const Mixture<double>& m2,
+                       double inv_temp, std::vector<zs_t>& grad, bool force_general) {
+  const int64_t rows = z.rows, vocab = z.vocab;
+  grad.assign(size_t(rows * vocab), zs_t(12345.0f));
+  const LaunchPlan plan = plan_backward(rows, vocab);
+  const BackwardArgs<acc_t> a = backward_args<acc_t>(rows, vocab, z.stride, t.stride, plan, grad_out.data(),
+                                                     per_row ? 1 : 0, stats.data(), m1, m2, inv_temp);
+  auto launch = [&](auto variant) {
+    emu::launch(plan.blocks, kThreads, csd_backward_kernel<zs_t, ts_t, acc_t, decltype(variant)::value>,
+                grad.data(), static_cast<const zs_t*>(z.data), static_cast<const ts_t*>(t.data), a);
+  };
+  if (force_general) {
+    launch(BaseTag<kBaseAll>{});
+  } else {
+    with_variant<zs_t, ts_t, acc_t>(a.need, launch);
+  }
+}
+
 template <typename zs_t, typename ts_t>
 void run_case(const Case& c) {
   using acc_t = acc_of<zs_t, ts_t>;
@@ -225,12 +247,8 @@ void run_case(const Case& c) {
   // Backward, as launch_backward does it.
   std::vector<acc_t> grad_out(static_cast<size_t>(rows));
   for (auto& g : grad_out) g = acc_t(c.per_row_grad ? normal(rng) : 0.37);
-  std::vector<zs_t> grad(size_t(rows * vocab), zs_t(12345.0f));
-  const LaunchPlan bplan = plan_backward(rows, vocab);
-  const BackwardArgs<acc_t> ba = backward_args<acc_t>(rows, vocab, z.stride, t.stride, bplan, grad_out.data(),
-                                                      c.per_row_grad ? 1 : 0, stats.data(), m1, m2, inv_temp);
-  emu::launch(bplan.blocks, kThreads, csd_backward_kernel<zs_t, ts_t, acc_t>, grad.data(),
-              static_cast<const zs_t*>(z.data), static_cast<const ts_t*>(t.data), ba);
+  std::vector<zs_t> grad;
+  emulated_backward<zs_t, ts_t>(z, t, grad_out, c.per_row_grad, stats, m1, m2, inv_temp, grad, false);
 
   const bool fp64 = std::is_same_v<acc_t, double>;
   const double acc_eps = fp64 ? eps_of<double>() : kEps32;
@@ -409,7 +427,8 @@ TEST_CASE(variant_selection) {
 }
 
 // An exact variant computes the same operations as the general variant on
-// the bases it carries, so loss and statistics must be bit-identical.
+// the bases it carries (the general one only adds exact zeros), so loss,
+// statistics and gradient must be bit-identical.
 template <typename T>
 void exact_variant_matches_general(const Case& c) {
   std::mt19937 rng(c.seed);
@@ -442,6 +461,18 @@ void exact_variant_matches_general(const Case& c) {
   for (size_t i = 0; i < stats_x.size(); ++i) {
     if (std::memcmp(&stats_x[i], &stats_g[i], sizeof(float)) != 0) {
       check::fail(__FILE__, __LINE__, where + ": stats entry " + std::to_string(i) + " differs");
+      return;
+    }
+  }
+  std::vector<float> grad_out(size_t(c.rows));
+  for (auto& g : grad_out) g = float(normal(rng));
+  std::vector<T> grad_x, grad_g;
+  emulated_backward<T, T>(z, t, grad_out, true, stats_x, m1, m2, 1.0 / c.temperature, grad_x, false);
+  emulated_backward<T, T>(z, t, grad_out, true, stats_x, m1, m2, 1.0 / c.temperature, grad_g, true);
+  for (size_t i = 0; i < grad_x.size(); ++i) {
+    if (std::memcmp(&grad_x[i], &grad_g[i], sizeof(T)) != 0) {
+      check::fail(__FILE__, __LINE__, where + ": gradient entry " + std::to_string(i) + " differs: " +
+                                          std::to_string(float(grad_x[i])) + " vs " + std::to_string(float(grad_g[i])));
       return;
     }
   }

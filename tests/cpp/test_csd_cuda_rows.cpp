@@ -262,7 +262,7 @@ void check_backward(int n, int oz, int ot, int oo, int group, bool live, uint32_
       }
       continue;
     }
-    const float want = live ? float(zs_t(grad_of(acc_t(float(zb.data[pos])), acc_t(float(tb.data[pos])), g)))
+    const float want = live ? float(zs_t(grad_of<kBaseAll>(acc_t(float(zb.data[pos])), acc_t(float(tb.data[pos])), g)))
                             : 0.f;
     if (!(got == want)) {
       check::fail(__FILE__, __LINE__, where + ": element " + std::to_string(pos) + " is " +
