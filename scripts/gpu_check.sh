@@ -6,7 +6,8 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]        (default build/gpu-check)
 #
 # Everything lands in OUT_DIR: log.txt (all output), build.log (nvcc with
-# ptxas -v), ptxas.txt (registers and spills per kernel), pytest.txt, and the
+# ptxas -v), ptxas.txt (registers and spills per kernel), sass_loops.txt
+# (chunk-loop instructions per kernel), pytest.txt, and the
 # benchmark reports bench_*.md / *.png.  Each step has its own time limit
 # (seconds, below) so a slow step cannot eat the others' time.
 #   CSD_GPU_BUILD_S, CSD_GPU_TEST_S, CSD_GPU_BENCH_S   step limits
@@ -44,6 +45,8 @@ if ! timeout "${CSD_GPU_BUILD_S:-300}" "$PY" setup.py build_ext --inplace > "$OU
 fi
 "$PY" .ci/ptxas_summary.py "$OUT_DIR/build.log" --fail-on-spills > "$OUT_DIR/ptxas.txt"; echo "ptxas summary exit $?"
 cat "$OUT_DIR/ptxas.txt"
+# Chunk-loop size per kernel from the SASS (needs cuobjdump: CUDA_HOME/bin or triton's copy).
+"$PY" benchmarks/sass_loops.py csd_ext/_C*.so > "$OUT_DIR/sass_loops.txt" 2>&1; echo "sass_loops exit $?"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c 'import csd_ext; print("backends", csd_ext.compiled_backends())'
 
