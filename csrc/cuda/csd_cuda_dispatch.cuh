@@ -1,8 +1,10 @@
 // Dtype dispatch shared by the forward and backward launchers: the student
 // and teacher dtypes are dispatched independently (any of fp32, bf16, fp16,
 // fp64 each), and the accumulation type follows from them (fp64 only when
-// one of them is fp64).  16 instantiations per kernel; the weighting,
-// temperature and row length are runtime arguments, so they add none.
+// one of them is fp64): 16 pairs.  Each pair gets the general kernel
+// variant; csd_cuda_variants.h adds exact variants for three weighting
+// families on the equal fp32/bf16/fp16 pairs.  Temperature, alpha and row
+// length are runtime arguments.
 #pragma once
 
 #include <ATen/Dispatch.h>
