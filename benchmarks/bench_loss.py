@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from bench_report import format_table, write_results  # noqa: E402
+from bench_report import format_latency_table, format_table, write_results  # noqa: E402
 
 CONTENDERS = ("csd_ext", "eager", "compile")
 FULL_SHAPES = ((512, 50257), (2048, 32000), (64, 256000), (512, 256000), (1024, 152064))
@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--min-repeats", type=int, default=5)
     p.add_argument("--max-repeats", type=int, default=30)
     p.add_argument("--min-time", type=float, default=1.5, help="seconds of timed calls per contender and pass")
+    p.add_argument("--batch", type=int, default=None,
+                   help="back-to-back calls per timed sample (default 10 on CUDA: the GPU time per call with the "
+                        "queue kept full, plus a separate single-call latency; 1 on the CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--hbm-gbs", type=float, default=None,
                    help="nominal memory bandwidth in GB/s for the roofline on CUDA (H100 SXM 3350, H200 4800)")
@@ -84,6 +87,10 @@ def parse_args(argv=None):
             p.error(f"{name}: unknown {bad}; choose from {list(allowed)}")
     if args.quick:
         args.min_repeats, args.min_time, args.warmup = 3, 0.2, 1
+    if args.batch is None:
+        args.batch = 10 if args.device == "cuda" else 1
+    if args.batch < 1:
+        p.error("--batch: expected a positive number of calls")
     if args.output is None and not args.quick:
         args.output = os.path.join(HERE, "RESULTS.md")
     if args.output and args.plot is None:
@@ -250,7 +257,7 @@ def main(argv=None):
                                 "weighting": w, "alpha": args.alpha, "temperature": args.temperature,
                                 "ignore_frac": args.ignore_frac, "seed": args.seed, "warmup": args.warmup,
                                 "min_repeats": args.min_repeats, "max_repeats": args.max_repeats,
-                                "min_time_s": args.min_time, "threads": args.threads, "modes": list(MODES),
+                                "min_time_s": args.min_time, "batch": args.batch, "threads": args.threads, "modes": list(MODES),
                                 "measure_memory": not args.no_memory, "grad_rows": GRAD_ROWS,
                                 "grad_path": os.path.join(tmpdir, f"{key}-{c}.pt")}
                         print(f"[bench] {key} {c} ...", file=sys.stderr, flush=True)
@@ -263,6 +270,9 @@ def main(argv=None):
     report["load_after"] = load_average()
     report["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(format_table(report, args))
+    latency = format_latency_table(report)
+    if latency:
+        print("\nSingle-call latency (ms):\n" + latency)
     if args.output:
         write_results(report, args)
         print(f"[bench] wrote {args.output} and {args.plot}", file=sys.stderr)

@@ -88,6 +88,27 @@ def format_table(report, args):
     return "\n".join(lines)
 
 
+def format_latency_table(report):
+    """Single synchronized calls (recorded when samples were batched, i.e. on
+    CUDA): the cost of a lone call, with the host's dispatch and launch
+    overhead that a batch hides behind the GPU's work.  Empty if none."""
+    lines = []
+    for row in report["rows"]:
+        res = row["results"]
+        for mode in ("fwdbwd", "fwd"):
+            cells = []
+            for c in ("csd_ext", "eager", "compile"):
+                times = (res.get(c) or {}).get("latency_ms", {}).get(mode)
+                cells.append(_ms((statistics.median(times), min(times), max(times))) if times else "—")
+            if any(cell != "—" for cell in cells):
+                lines.append(f"| {row['N']}×{row['V']} | {row['dtype']} | {row['weighting']} | {PASS_NAME[mode]} | "
+                             + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = ["| N×V | dtype | w | pass | csd_ext ms | eager ms | compile ms |", "|---|---|---|---|---|---|---|"]
+    return "\n".join(head + lines)
+
+
 # ---------------------------------------------------------------------------
 # Targets (issue 4), checked on the configurations that are present.
 # ---------------------------------------------------------------------------
@@ -241,7 +262,11 @@ def write_results(report, args):
            f"- Inputs: student/teacher logits ~ N(0, 3²) with the student = teacher + N(0, 1.5²), "
            f"{100 * args.ignore_frac:.0f}% of labels ignored, temperature {args.temperature}, α = {args.alpha} (M).",
            f"- Time: wall clock per call ({'CUDA events after a synchronize' if args.device == 'cuda' else 'perf_counter'}), "
-           f"after the compiling call and {args.warmup} warm-up call(s); at least {args.min_repeats} repeats and "
+           + (f"each sample {args.batch} back-to-back calls divided by {args.batch} (the GPU time per call when the "
+              "host keeps the queue full, as in training; the host's per-call dispatch and launch overhead, "
+              "which a lone synchronized call adds while the GPU waits, is in the single-call latency table "
+              "below the results), " if args.batch > 1 else "")
+           + f"after the compiling call and {args.warmup} warm-up call(s); at least {args.min_repeats} repeats and "
            f"{args.min_time} s per contender and pass; median (min–max). fwd+bwd = forward + `backward()` with the "
            "student requiring grad (its previous `.grad` freed before the timer starts); fwd = forward under "
            "`torch.no_grad()`.",
@@ -274,6 +299,9 @@ def write_results(report, args):
     if targets:
         out += ["", "## Targets (issue 4)", ""] + targets
     out += ["", "## Results", "", format_table(report, args), ""]
+    latency = format_latency_table(report)
+    if latency:
+        out += ["Single-call latency (one synchronized call at a time; host overhead included):", "", latency, ""]
     errors = [(f"{r['N']}×{r['V']} {r['dtype']} {r['weighting']}", c, res["error"][:300])
               for r in report["rows"] for c, res in r["results"].items() if "error" in res]
     if errors:

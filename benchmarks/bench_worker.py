@@ -66,23 +66,37 @@ def make_fn(spec):
 
 
 class Timer:
-    """Wall time of one call; on CUDA between events, after a synchronize."""
+    """Time per call of `fn`, over `batch` back-to-back calls (each after its
+    untimed-in-spirit `prepare`, which only drops references on the host).
 
-    def __init__(self, device):
+    On CUDA the clock is a pair of events around the batch, after a
+    synchronize: with batch > 1 the host queues the next call while the GPU
+    runs the previous one, so the figure is the GPU time per call of a
+    training loop, not the host's launch overhead (Python dispatch, argument
+    checks, the launches themselves) during which a single synchronized call
+    leaves the GPU idle.  `batch=1` gives that single-call latency.  On the
+    CPU the clock is perf_counter and the work is synchronous anyway."""
+
+    def __init__(self, device, batch=1):
         self.cuda = device.startswith("cuda")
+        self.batch = max(1, int(batch))
 
-    def __call__(self, fn):
+    def __call__(self, fn, prepare=lambda: None):
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             start.record()
-            fn()
+            for _ in range(self.batch):
+                prepare()
+                fn()
             end.record()
             end.synchronize()
-            return start.elapsed_time(end)
+            return start.elapsed_time(end) / self.batch
         t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+        for _ in range(self.batch):
+            prepare()
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / self.batch
 
 
 def _rss_kb(field):
@@ -140,7 +154,8 @@ def run(spec):
         result["rss_after_inputs_bytes"] = _rss_kb("VmRSS") * 1024
     fn = make_fn(spec)
     z = student.detach().requires_grad_(True)
-    timer = Timer(device)
+    timer = Timer(device, spec.get("batch", 1))
+    single = Timer(device, 1)
 
     def fwd():
         with torch.no_grad():
@@ -175,11 +190,16 @@ def run(spec):
             call()
         times, spent = [], 0.0
         while len(times) < spec["min_repeats"] or (spent < spec["min_time_s"] and len(times) < spec["max_repeats"]):
-            prepare()  # freeing the previous gradient is not timed
-            ms = timer(call)
+            # The first call's prepare frees the previous gradient outside the
+            # clock; within a batch it is the host-side part of a training step.
+            prepare()
+            ms = timer(call, prepare if timer.batch > 1 else (lambda: None))
             times.append(ms)
-            spent += ms / 1e3
+            spent += ms * timer.batch / 1e3
         result["times_ms"][mode] = times
+        if timer.batch > 1:
+            # One synchronized call at a time: what a lone call costs, host overhead included.
+            result.setdefault("latency_ms", {})[mode] = [single(call, prepare) for _ in range(spec["min_repeats"])]
 
     if spec["measure_memory"]:
         for mode in spec["modes"]:
