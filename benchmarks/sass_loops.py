@@ -8,7 +8,8 @@ and architecture, counts the instructions inside its longest loop that
 reads global memory (the loop over a row's chunks), with the MUFU.EX2 (exp), BSSY (divergent
 branch) and PRMT (byte shuffle) counts among them.  A static count includes
 paths a step does not take (the tail step, scalar loads of misaligned rows),
-so it bounds the executed count from above; compare builds, not absolutes.
+so it bounds the executed count from above; "hot" estimates what a full,
+aligned step executes (see hot_path).  Compare builds, not absolutes.
 cuobjdump comes from CUDA_HOME/bin, PATH, or the copy triton bundles.
 """
 
@@ -49,20 +50,60 @@ def demangle(names):
 
 
 def longest_loop(instructions):
-    """(size, opcode counts) of the longest range closed by a backward branch
-    that loads from global memory (the chunk loop; CUB's reductions, after
-    it, have backward branches too but read only shared memory)."""
-    best = (0, Counter())
+    """The longest range closed by a backward branch that loads from global
+    memory (the chunk loop; CUB's reductions, after it, have backward
+    branches too but read only shared memory), as [(address, text)]."""
+    best = []
     for addr, text in instructions:
         m = re.search(r"BRA\s.*?(0x[0-9a-f]+)", text)
         if not m or int(m.group(1), 16) >= addr:
             continue
         start = int(m.group(1), 16)
-        body = [t for a, t in instructions if start <= a <= addr]
-        if len(body) > best[0] and any("LDG" in t for t in body):
-            ops = Counter((t.split()[1] if t.startswith("@") else t.split()[0]) for t in body)
-            best = (len(body), ops)
+        body = [(a, t) for a, t in instructions if start <= a <= addr]
+        if len(body) > len(best) and any("LDG" in t for _, t in body):
+            best = body
     return best
+
+
+def basic_blocks(body):
+    """Splits a loop into basic blocks: a block starts at a branch or
+    convergence target and ends after a branch or call."""
+    targets = set()
+    for _, t in body:
+        for pat in (r"BRA\s.*?(0x[0-9a-f]+)", r"BSSY\s+B\d+,\s*(0x[0-9a-f]+)"):
+            m = re.search(pat, t)
+            if m:
+                targets.add(int(m.group(1), 16))
+    blocks, cur = [], []
+    for a, t in body:
+        if a in targets and cur:
+            blocks.append(cur)
+            cur = []
+        cur.append((a, t))
+        if "BRA" in t or "CALL" in t:
+            blocks.append(cur)
+            cur = []
+    if cur:
+        blocks.append(cur)
+    return blocks
+
+
+def hot_path(body):
+    """Instructions a full, aligned chunk step executes, estimated as the
+    loop minus its cold blocks: the fetch variants for partial chunks,
+    misaligned rows and the head-and-tail step (predicated loads, or only
+    scalar 2- or 4-byte loads) and the slow-path calls (IEEE division's
+    rare-operand fallback).  A heuristic read of the control flow, not a
+    trace; it counts both sides of the few data-dependent branches left
+    (a merge into an empty state), so it errs high."""
+    hot = 0
+    for block in basic_blocks(body):
+        loads = [t for _, t in block if "LDG" in t]
+        cold = (any("CALL" in t for _, t in block)
+                or any(re.match(r"@\S+ LDG", t) for t in loads)
+                or (loads and not any(re.match(r"LDG\.E\.(128|64)", t) for t in loads)))
+        hot += 0 if cold else len(block)
+    return hot
 
 
 def main():
@@ -82,15 +123,17 @@ def main():
         if not m or "csd" not in m.group(1):
             continue
         ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", block)]
-        size, ops = longest_loop(ins)
-        rows.append((m.group(1), arch, len(ins), size, ops))
+        body = longest_loop(ins)
+        ops = Counter((t.split()[1] if t.startswith("@") else t.split()[0]) for _, t in body)
+        rows.append((m.group(1), arch, len(ins), len(body), hot_path(body), ops))
     names = demangle([r[0] for r in rows])
-    print(f"{'kernel':<78} {'arch':<7} {'total':>6} {'loop':>5} {'EX2':>4} {'BSSY':>5} {'PRMT':>5}")
-    for (_, arch, total, size, ops), name in sorted(zip(rows, names), key=lambda x: (x[1], x[0][1])):
+    print(f"{'kernel':<78} {'arch':<7} {'total':>6} {'loop':>5} {'hot':>4} {'EX2':>4} {'BSSY':>5} {'PRMT':>5}")
+    for (_, arch, total, size, hot, ops), name in sorted(zip(rows, names), key=lambda x: (x[1], x[0][1])):
         short = re.sub(r"^void csd::gpu::|\(.*$", "", name).replace("c10::", "")
         if args.filter and args.filter not in short:
             continue
-        print(f"{short:<78} {arch:<7} {total:>6} {size:>5} {ops['MUFU.EX2']:>4} {ops['BSSY']:>5} {ops['PRMT']:>5}")
+        print(f"{short:<78} {arch:<7} {total:>6} {size:>5} {hot:>4} {ops['MUFU.EX2']:>4} {ops['BSSY']:>5} "
+              f"{ops['PRMT']:>5}")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,27 @@ CSD_HD float fmax_of(float a, float b) { return ::fmaxf(a, b); }
 CSD_HD double fmax_of(double a, double b) { return ::fmax(a, b); }
 CSD_HD double log_of(double x) { return ::log(x); }
 
+// exp on the CUDA kernels' per-element paths: 2^(x log2 e) by the GPU's
+// special-function unit (ex2.approx.ftz, within 2 ulp), two instructions
+// where expf's range reduction takes eight for ~1 ulp.  Rounding x log2 e
+// adds |x| * 2^-24 relative to the result, so the weights that matter
+// (x = logit - max near 0) stay within ~3 ulp, and the loss and gradient
+// within a few ulp -- far inside what fp32 sums over a row lose anyway.
+// Results below 2^-126 flush to 0; such a weight, relative to the row's
+// largest (1), cannot change a sum in fp32.  Off the GPU (the CPU emulation
+// of the kernels in tests/cpp) it is the same formula with exp2f.  fp64
+// (tests only) keeps the exact exp.
+CSD_HD float exp_fast(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+#else
+  return ::exp2f(x * 1.4426950408889634f);
+#endif
+}
+CSD_HD double exp_fast(double x) { return ::exp(x); }
+
 template <typename acc_t>
 CSD_HD acc_t neg_inf() { return -std::numeric_limits<acc_t>::infinity(); }
 
@@ -187,47 +208,60 @@ CSD_HD Moments<acc_t> merge(const Moments<acc_t>& a, const Moments<acc_t>& b) {
 
 // Moments of a small chunk, by the exact two-pass formula: max, then the
 // weights and the mean, then the centred second moment.  Kernels call it on a
-// chunk held in registers (CUDA: one vector load per thread) and merge the
-// result into their running state.  `a` is the weight logit (z/tau, t/tau,
-// or 0 for U); masked entries are skipped.
+// chunk held in registers (CUDA: one or two vector loads per thread) and
+// merge the result into their running state.
 //
-// Branch-free on purpose: a masked position enters the max as -inf, the exp
-// as exp(-inf) = 0 and the sums with d = 0, instead of an `if` around each
-// element, which a GPU compiles into a divergent branch per element
-// (BSSY/BSYNC pairs that cost more than the exp).  The values are exactly
-// those of skipping the entry.  The max is a plain fmax (one instruction):
-// a NaN weight logit is dropped from the max but makes its exp, hence the
-// chunk's sum, NaN, so the state is still poisoned (and never empty).
+// The chunk comes *neutral*: a masked position (and a position that holds no
+// element) has weight logit a = -inf and d = 0, so it enters the max as
+// -inf, the exp as exp(-inf) = 0 and the sums as 0 * 0 -- exactly the values
+// of skipping it, with no test or branch per element.  (An `if` around each
+// element compiles on a GPU to a divergent branch per element, BSSY/BSYNC
+// pairs that cost more than the exp; a select per element and distribution
+// still costs one instruction, so the kernels mask each element once, when
+// they form a and d.)  The max is a plain fmax (one instruction): a NaN
+// weight logit is dropped from the max but makes its exp, hence the chunk's
+// sum, NaN, so the state is still poisoned (and never empty).  When every
+// position is masked the max is -inf; the exps are then taken relative to 0,
+// all of them 0 (a NaN logit's NaN), and a chunk whose sum is 0 comes back
+// as the empty state, chosen by a select.
 template <typename acc_t, int N>
-CSD_HD Moments<acc_t> chunk_moments(const acc_t (&a)[N], const acc_t (&d)[N],
-                                    const bool (&unmasked)[N], int n = N) {
-  bool in[N];
+CSD_HD Moments<acc_t> neutral_chunk_moments(const acc_t (&a)[N], const acc_t (&d)[N]) {
   acc_t mx = neg_inf<acc_t>();
-  bool any = false;
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    in[i] = i < n && unmasked[i];
-    mx = fmax_of(mx, in[i] ? a[i] : neg_inf<acc_t>());
-    any = any || in[i];
-  }
-  if (!any) return empty_moments<acc_t>();
-  acc_t e[N], dv[N];
+  for (int i = 0; i < N; ++i) mx = fmax_of(mx, a[i]);
+  const acc_t shift = mx == neg_inf<acc_t>() ? acc_t(0) : mx;
+  acc_t e[N];
   acc_t s = 0, sd = 0;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    e[i] = exp_of(in[i] ? a[i] - mx : neg_inf<acc_t>());
-    dv[i] = in[i] ? d[i] : acc_t(0);
+    e[i] = exp_fast(a[i] - shift);
     s += e[i];
-    sd += e[i] * dv[i];
+    sd += e[i] * d[i];
   }
   const acc_t mean = sd / s;
   acc_t m2 = 0;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    const acc_t c = dv[i] - mean;
+    const acc_t c = d[i] - mean;
     m2 += e[i] * c * c;
   }
-  return {mx, s, mean, m2};
+  const Moments<acc_t> m{mx, s, mean, m2};
+  return s == acc_t(0) ? empty_moments<acc_t>() : m;
+}
+
+// The same for a chunk with a mask: entries i >= n or with !unmasked[i] are
+// left out (whatever their values, NaN included).
+template <typename acc_t, int N>
+CSD_HD Moments<acc_t> chunk_moments(const acc_t (&a)[N], const acc_t (&d)[N],
+                                    const bool (&unmasked)[N], int n = N) {
+  acc_t an[N], dn[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const bool in = i < n && unmasked[i];
+    an[i] = in ? a[i] : neg_inf<acc_t>();
+    dn[i] = in ? d[i] : acc_t(0);
+  }
+  return neutral_chunk_moments(an, dn);
 }
 
 // One element: the running-state form used where there is no chunk to batch.

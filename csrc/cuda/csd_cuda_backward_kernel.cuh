@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "csd_cuda_forward_kernels.cuh"  // cast_mixture
 #include "csd_cuda_plan.h"
@@ -31,7 +32,9 @@ struct BackwardArgs {
 };
 
 template <typename zs_t, typename ts_t, typename acc_t, unsigned kBases>
-__global__ void __launch_bounds__(kThreads, MinBlocks<acc_t>::kBackward)
+__global__ void __launch_bounds__(
+    kThreads, (MinBlocks<acc_t, kBases == kBaseAll && std::is_same_v<zs_t, float> &&
+                                    std::is_same_v<ts_t, float>>::kBackward))
     csd_backward_kernel(zs_t* __restrict__ grad, const zs_t* __restrict__ student,
                         const ts_t* __restrict__ teacher, const BackwardArgs<acc_t> a) {
   const int lane = int(threadIdx.x) % a.group;
@@ -45,17 +48,13 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<acc_t>::kBackward)
   const acc_t* st = a.stats + row * kNumStats;
   const acc_t weight = st[kRowWeight];
   GradMath<acc_t> g;
-  g.w1 = a.w1;
-  g.w2 = a.w2;
   g.need = a.need;
   g.inv_temp = a.inv_temp;
   g.lse_s = st[kLseS];
   g.lse_t = st[kLseT];
-  g.inv_count = st[kInvCount];
-  g.mean1 = st[kMean1];
-  g.mean2 = st[kMean2];
   g.live = weight != acc_t(0);  // ignored token: exact zeros, whatever its logits hold
-  g.half_scale = g.live ? acc_t(0.5) * a.grad_loss[row * a.grad_loss_stride] * weight : acc_t(0);
+  const acc_t half_scale = g.live ? acc_t(0.5) * a.grad_loss[row * a.grad_loss_stride] * weight : acc_t(0);
+  g.coeffs = grad_coeffs(a.w1, a.w2, st[kMean1], st[kMean2], st[kInvCount], half_scale);
   grad_segment<kBases>(grad + row * a.vocab + begin, student + row * a.zstride + begin,
                teacher + row * a.tstride + begin, n, lane, a.group, g);
 }

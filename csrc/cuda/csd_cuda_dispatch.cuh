@@ -8,8 +8,16 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <c10/util/BFloat16.h>
 
 #include <type_traits>
+
+#include "csd_cuda_rows.h"
+
+// Before any kernel is instantiated: c10::BFloat16 vectors convert to fp32
+// two elements per word (csd_cuda_rows.h, convert_vec).
+template <>
+struct csd::gpu::IsBFloat16<c10::BFloat16> : std::true_type {};
 
 #define CSD_CUDA_DISPATCH_FLOATS(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)

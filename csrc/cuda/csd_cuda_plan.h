@@ -32,12 +32,16 @@ constexpr int kBlocksPerSmWanted = 8;          // 8 x 256 threads = a full SM (2
 
 // Minimum resident blocks per SM the kernels are compiled for
 // (__launch_bounds__), which caps registers at 65536 / (256 * B): 128 for
-// the forward, 80 for the backward.  Both fit without spilling (the CUDA
-// build check fails otherwise).  fp64 (tests only) gets the full 255.
-template <typename acc_t>
+// the forward, 80 for the backward.  They fit without spilling (the CUDA
+// build check fails otherwise), except the backward's general variant for
+// fp32 student and teacher, which holds two 16-byte vectors per tensor and
+// every base's weight: it spilled a few bytes under 80 and gets 2 blocks
+// (128).  fp64 (tests only) gets the full 255.  The kernels usually need fewer registers than
+// the cap, and then more blocks fit (docs/kernels.md has the counts).
+template <typename acc_t, bool kFp32General = false>
 struct MinBlocks {
   static constexpr int kForward = sizeof(acc_t) == 8 ? 1 : 2;
-  static constexpr int kBackward = sizeof(acc_t) == 8 ? 1 : 3;
+  static constexpr int kBackward = sizeof(acc_t) == 8 ? 1 : kFp32General ? 2 : 3;
 };
 
 struct LaunchPlan {

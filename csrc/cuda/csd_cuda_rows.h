@@ -27,7 +27,9 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "../csd_math.h"
 
@@ -72,6 +74,23 @@ template <int W, typename T>
 CSD_HD void store_vec(T* p, const VecOf<T, W>& x) {
   CSD_CHECK_VECTOR_ALIGNMENT(p, sizeof(T) * W);
   *reinterpret_cast<VecOf<T, W>*>(p) = x;
+}
+
+// bfloat16 is the top half of an fp32, so a word of two converts with a
+// shift (the low one) and a mask (the high one), with no extraction of the
+// 16-bit halves first (Lanes::convert).  The trait is specialised for
+// c10::BFloat16 (csd_cuda_dispatch.cuh) and for the C++ tests' stand-in.
+template <typename T>
+struct IsBFloat16 : std::false_type {};
+
+CSD_HD float float_from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
 }
 
 // Elements to skip from p before p + k is aligned for W-element vectors.
@@ -119,33 +138,138 @@ CSD_HD VecOf<T, W> no_elements() {
   return x;
 }
 
+// W elements of T in registers, between their load and their conversion to
+// acc_t.  2-byte types stay packed two to a 32-bit word, as a vector load
+// delivers them: held as separate 16-bit values, the compiler splits each
+// word after the load and packs it again before the math (a PRMT per
+// element, both ways).  `set` and `clear` serve the cold paths (scalar
+// loads, the head-and-tail step); a position that holds no element is
+// no_element() (-inf).
+template <typename T, int W, bool kPacked = (sizeof(T) == 2 && W % 2 == 0)>
+struct Lanes {
+  VecOf<T, W> x;
+
+  CSD_HD void load(const T* p) { x = load_vec<W>(p); }
+  CSD_HD void clear() { x = no_elements<T, W>(); }
+  CSD_HD void set(int j, T v) { x.v[j] = v; }
+  template <typename acc_t>
+  CSD_HD void convert(acc_t* out) const {
+#pragma unroll
+    for (int j = 0; j < W; ++j) out[j] = static_cast<acc_t>(x.v[j]);
+  }
+  // The reverse, for the gradient: in[0, W) rounded to T as static_cast does.
+  template <typename acc_t>
+  CSD_HD void pack(const acc_t* in) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) x.v[j] = static_cast<T>(in[j]);
+  }
+  CSD_HD void store(T* p) const { store_vec<W>(p, x); }
+};
+
+template <typename T, int W>
+struct Lanes<T, W, true> {
+  using Words = VecOf<uint32_t, W / 2>;  // 16 (or 8) bytes, aligned as a VecOf<T, W>
+  Words w;
+
+  static CSD_HD uint32_t bits_of(T v) {
+    uint16_t b;
+    std::memcpy(&b, &v, sizeof b);
+    return b;
+  }
+  CSD_HD void load(const T* p) {
+    CSD_CHECK_VECTOR_ALIGNMENT(p, sizeof(T) * W);
+#if defined(__CUDA_ARCH__)
+    w = *reinterpret_cast<const Words*>(p);
+#else
+    std::memcpy(&w, p, sizeof w);  // the host (emulation, tests) reads T storage as words
+#endif
+  }
+  CSD_HD void clear() {
+    const uint32_t b = bits_of(no_element<T>());
+#pragma unroll
+    for (int m = 0; m < W / 2; ++m) w.v[m] = b | (b << 16);
+  }
+  CSD_HD void set(int j, T v) {  // little-endian: element 2m is the low half of word m
+    const int shift = 16 * (j % 2);
+    w.v[j / 2] = (w.v[j / 2] & ~(0xffffu << shift)) | (bits_of(v) << shift);
+  }
+  template <typename acc_t>
+  CSD_HD void convert(acc_t* out) const {
+#pragma unroll
+    for (int m = 0; m < W / 2; ++m) {
+      if constexpr (IsBFloat16<T>::value && std::is_same_v<acc_t, float>) {
+        out[2 * m] = float_from_bits(w.v[m] << 16);
+        out[2 * m + 1] = float_from_bits(w.v[m] & 0xffff0000u);
+      } else {
+        T pair[2];
+        std::memcpy(pair, &w.v[m], sizeof pair);
+        out[2 * m] = static_cast<acc_t>(pair[0]);
+        out[2 * m + 1] = static_cast<acc_t>(pair[1]);
+      }
+    }
+  }
+  // The reverse, for the gradient: in[0, W) rounded to T as static_cast
+  // does.  On sm_80+ a bf16 pair is one cvt.rn.bf16x2.f32, the instruction
+  // c10::BFloat16's own conversion (cvt.rn.bf16.f32) issues per element
+  // before the pair is packed.
+  template <typename acc_t>
+  CSD_HD void pack(const acc_t* in) {
+#pragma unroll
+    for (int m = 0; m < W / 2; ++m) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+      if constexpr (IsBFloat16<T>::value && std::is_same_v<acc_t, float>) {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w.v[m]) : "f"(in[2 * m + 1]), "f"(in[2 * m]));
+        continue;
+      }
+#endif
+      w.v[m] = bits_of(static_cast<T>(in[2 * m])) | (bits_of(static_cast<T>(in[2 * m + 1])) << 16);
+    }
+  }
+  CSD_HD void store(T* p) const {
+    CSD_CHECK_VECTOR_ALIGNMENT(p, sizeof(T) * W);
+#if defined(__CUDA_ARCH__)
+    *reinterpret_cast<Words*>(p) = w;
+#else
+    std::memcpy(p, &w, sizeof w);
+#endif
+  }
+};
+
 // Loads the elements at + i, i < min(E, left), of z and t into zr/tr (K
 // vectors of W); positions past `left` get no_element().
 template <int E, int W, typename zs_t, typename ts_t>
-CSD_HD void fetch_body(VecOf<zs_t, W> (&zr)[E / W], VecOf<ts_t, W> (&tr)[E / W], const zs_t* z,
+CSD_HD void fetch_body(Lanes<zs_t, W> (&zr)[E / W], Lanes<ts_t, W> (&tr)[E / W], const zs_t* z,
                        const ts_t* t, int at, int left, bool vectorized) {
   constexpr int K = E / W;
   if (vectorized && left >= E) {  // a whole chunk: no fill, no per-vector test
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      zr[k] = load_vec<W>(z + at + k * W);
-      tr[k] = load_vec<W>(t + at + k * W);
+      zr[k].load(z + at + k * W);
+      tr[k].load(t + at + k * W);
     }
   } else if (vectorized) {  // `left` is a multiple of W: a vector is wholly in or out
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const bool in = k * W < left;
-      zr[k] = in ? load_vec<W>(z + at + k * W) : no_elements<zs_t, W>();
-      tr[k] = in ? load_vec<W>(t + at + k * W) : no_elements<ts_t, W>();
+      if (k * W < left) {
+        zr[k].load(z + at + k * W);
+        tr[k].load(t + at + k * W);
+      } else {
+        zr[k].clear();
+        tr[k].clear();
+      }
     }
   } else {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
+      zr[k].clear();
+      tr[k].clear();
 #pragma unroll
       for (int j = 0; j < W; ++j) {
         const int i = k * W + j;
-        zr[k].v[j] = i < left ? z[at + i] : no_element<zs_t>();
-        tr[k].v[j] = i < left ? t[at + i] : no_element<ts_t>();
+        if (i < left) {
+          zr[k].set(j, z[at + i]);
+          tr[k].set(j, t[at + i]);
+        }
       }
     }
   }
@@ -161,8 +285,6 @@ CSD_HD void walk_segment(const zs_t* z, const ts_t* t, zs_t* out, int n, int lan
                          bool read, F& f) {
   constexpr int W = Shape<zs_t, ts_t>::kVec;
   constexpr int K = E / W;
-  using ZV = VecOf<zs_t, W>;
-  using TV = VecOf<ts_t, W>;
   const int skip = elements_to_alignment<W>(z);
   const int skip_out =
       out != nullptr ? elements_to_alignment<W>(static_cast<const zs_t*>(out)) : skip;
@@ -177,13 +299,13 @@ CSD_HD void walk_segment(const zs_t* z, const ts_t* t, zs_t* out, int n, int lan
 
   // Raw chunk of step s: the body, or the head and tail elements (flat
   // positions 0 and 1) when s == steps.
-  ZV zr[K];
-  TV tr[K];
+  Lanes<zs_t, W> zr[K];
+  Lanes<ts_t, W> tr[K];
   auto clear = [&] {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      zr[k] = no_elements<zs_t, W>();
-      tr[k] = no_elements<ts_t, W>();
+      zr[k].clear();
+      tr[k].clear();
     }
   };
   clear();
@@ -194,12 +316,12 @@ CSD_HD void walk_segment(const zs_t* z, const ts_t* t, zs_t* out, int n, int lan
     }
     clear();
     if (lane < head) {
-      zr[0].v[0] = z[lane];
-      tr[0].v[0] = t[lane];
+      zr[0].set(0, z[lane]);
+      tr[0].set(0, t[lane]);
     }
     if (lane < tail) {
-      zr[1 / W].v[1 % W] = z[tail_at + lane];
-      tr[1 / W].v[1 % W] = t[tail_at + lane];
+      zr[1 / W].set(1 % W, z[tail_at + lane]);
+      tr[1 / W].set(1 % W, t[tail_at + lane]);
     }
   };
   if (read) fetch(0);
@@ -207,15 +329,11 @@ CSD_HD void walk_segment(const zs_t* z, const ts_t* t, zs_t* out, int n, int lan
   for (int s = 0; s <= steps; ++s) {
     acc_t zc[E], tc[E], res[E] = {};
     const int left = body - (lane * E + s * step);
+    // Converted right after the load: all math is in acc_t.
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-#pragma unroll
-      for (int j = 0; j < W; ++j) {
-        const int i = k * W + j;
-        // Converted right after the load: all math is in acc_t.
-        zc[i] = static_cast<acc_t>(zr[k].v[j]);
-        tc[i] = static_cast<acc_t>(tr[k].v[j]);
-      }
+      zr[k].template convert<acc_t>(zc + k * W);
+      tr[k].template convert<acc_t>(tc + k * W);
     }
     // Issue the next step's loads before this chunk's math, so they are in
     // flight while it runs.
@@ -230,15 +348,14 @@ CSD_HD void walk_segment(const zs_t* z, const ts_t* t, zs_t* out, int n, int lan
     zs_t* o = out + first + s * step;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      ZV ov;
-#pragma unroll
-      for (int j = 0; j < W; ++j) ov.v[j] = static_cast<zs_t>(res[k * W + j]);
       if (vec) {
-        if (k * W < left) store_vec<W>(o + k * W, ov);
+        Lanes<zs_t, W> ov;
+        ov.pack(res + k * W);
+        if (k * W < left) ov.store(o + k * W);
       } else {
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          if (k * W + j < left) o[k * W + j] = ov.v[j];
+          if (k * W + j < left) o[k * W + j] = static_cast<zs_t>(res[k * W + j]);
         }
       }
     }
@@ -335,26 +452,33 @@ struct Accumulate {
 
   template <int E>
   CSD_HD void operator()(const acc_t (&z)[E], const acc_t (&t)[E], acc_t (&)[E]) {
-    // d and both weight logits first, so z and t are dead before the
-    // exps: fewer registers live at once.
-    bool ok[E];
-    acc_t d[E], as[E], at[E], zero[E];
+    // Each element is masked once, here: d = 0 and every weight logit -inf
+    // where z or t is -inf (the neutral chunk of neutral_chunk_moments).
+    // d and the weight logits are formed first, so z and t are dead before
+    // the exps: fewer registers live at once.
+    acc_t d[E], as[E], at[E], au[E];
 #pragma unroll
     for (int i = 0; i < E; ++i) {
-      ok[i] = is_unmasked(z[i], t[i]);
-      d[i] = ok[i] ? z[i] - t[i] : acc_t(0);
-      as[i] = z[i] * m.inv_temp;
-      at[i] = t[i] * m.inv_temp;
-      zero[i] = acc_t(0);
+      const bool ok = is_unmasked(z[i], t[i]);
+      d[i] = ok ? z[i] - t[i] : acc_t(0);
+      as[i] = ok ? z[i] * m.inv_temp : neg_inf<acc_t>();
+      at[i] = ok ? t[i] * m.inv_temp : neg_inf<acc_t>();
+      au[i] = ok ? acc_t(0) : neg_inf<acc_t>();
     }
-    if constexpr ((kBases & kBaseS) != 0u) {
-      if (computes<kBases>(kBaseS, m.need)) st.template get<kBaseS>() = merge(st.template get<kBaseS>(), chunk_moments(as, d, ok));
-    }
-    if constexpr ((kBases & kBaseT) != 0u) {
-      if (computes<kBases>(kBaseT, m.need)) st.template get<kBaseT>() = merge(st.template get<kBaseT>(), chunk_moments(at, d, ok));
-    }
-    if constexpr ((kBases & kBaseU) != 0u) {
-      if (computes<kBases>(kBaseU, m.need)) st.template get<kBaseU>() = merge(st.template get<kBaseU>(), chunk_moments(zero, d, ok));
+    fold<kBaseS>(as, d);
+    fold<kBaseT>(at, d);
+    fold<kBaseU>(au, d);
+  }
+
+  // Merges one base distribution's chunk moments into the state, if this
+  // variant computes it (the unused arrays above are then dead code).
+  template <unsigned b, int E>
+  CSD_HD void fold(const acc_t (&a)[E], const acc_t (&d)[E]) {
+    if constexpr ((kBases & b) != 0u) {
+      if (computes<kBases>(b, m.need)) {
+        Moments<acc_t>& x = st.template get<b>();
+        x = merge(x, neutral_chunk_moments(a, d));
+      }
     }
   }
 };
@@ -374,45 +498,38 @@ CSD_HD void accumulate_segment(RowState<acc_t, kBases>& st, const zs_t* z, const
 // ---------------------------------------------------------------------------
 template <typename acc_t>
 struct GradMath {
-  Mixture<acc_t> w1, w2;
   Needs need;
   acc_t inv_temp;
-  acc_t lse_s, lse_t, inv_count;  // S_k = exp(z_k/tau - lse_s), T_k likewise, U_k = inv_count
-  acc_t mean1, mean2;
-  acc_t half_scale;  // 1/2 * grad_loss[row] * row weight
-  bool live;         // false for an ignored row: write zeros, read nothing
+  acc_t lse_s, lse_t;      // S_k = exp(z_k/tau - lse_s), T_k likewise
+  GradCoeffs<acc_t> coeffs;  // grad_coeffs(): means, U's 1/count and 1/2 * grad_loss * row weight folded in
+  bool live;               // false for an ignored row: write zeros, read nothing
 };
 
-// The weight cs*S_k + ct*T_k + cu*U_k of a mixture.  An exact variant
-// leaves out the bases it does not carry: their coefficients are 0.
-template <unsigned kBases, typename acc_t>
-CSD_HD acc_t variant_weight(const Mixture<acc_t>& w, acc_t ws, acc_t wt, acc_t wu) {
+// The bases an element's gradient uses: fixed at compile time in an exact
+// variant (so element_grad_regrouped's tests fold away), `need` in the
+// general one.
+template <unsigned kBases>
+CSD_HD Needs variant_needs(const Needs& need) {
   if constexpr (kBases == kBaseAll) {
-    return mixture_weight(w, ws, wt, wu);
+    return need;
   } else {
-    acc_t x = (kBases & kBaseS) != 0u ? w.s * ws : acc_t(0);
-    if constexpr ((kBases & kBaseT) != 0u) x += w.t * wt;
-    if constexpr ((kBases & kBaseU) != 0u) x += w.u * wu;
-    return x;
+    return {(kBases & kBaseS) != 0u, (kBases & kBaseT) != 0u, (kBases & kBaseU) != 0u};
   }
 }
 
-// Gradient of one element (0 where z or t is -inf).  Branch-free for the
-// same reason as chunk_moments: a masked entry gets exp(-inf) = 0 weights
-// and d = 0, and the result is selected, not branched around.
+// Gradient of one element, 0 where z or t is -inf, by the shared regrouped
+// form (csd_math.h: S_k (s_d e_k + s_k) + T_k (t_d e_k + t_k) + (u_d e_k +
+// u_k), e_k = d_k - mean1), as the CPU kernel computes it: per element an
+// exp per softmax base and two or three multiply-adds.  A masked entry
+// computes garbage (an exp of -inf, an inf d) and is replaced by 0 with one
+// select, not branched around (a divergent branch per element costs more).
 template <unsigned kBases, typename acc_t>
 CSD_HD acc_t grad_of(acc_t z, acc_t t, const GradMath<acc_t>& g) {
-  const bool ok = is_unmasked(z, t);
-  const acc_t ws = computes<kBases>(kBaseS, g.need)
-                       ? exp_of(ok ? z * g.inv_temp - g.lse_s : neg_inf<acc_t>())
-                       : acc_t(0);
-  const acc_t wt = computes<kBases>(kBaseT, g.need)
-                       ? exp_of(ok ? t * g.inv_temp - g.lse_t : neg_inf<acc_t>())
-                       : acc_t(0);
-  const acc_t w1 = variant_weight<kBases>(g.w1, ws, wt, g.inv_count);
-  const acc_t w2 = variant_weight<kBases>(g.w2, ws, wt, g.inv_count);
-  const acc_t grad = element_grad(w1, w2, ok ? z - t : acc_t(0), g.mean1, g.mean2, g.half_scale);
-  return ok ? grad : acc_t(0);
+  const Needs need = variant_needs<kBases>(g.need);
+  const acc_t ws = need.s ? exp_fast(z * g.inv_temp - g.lse_s) : acc_t(0);
+  const acc_t wt = need.t ? exp_fast(t * g.inv_temp - g.lse_t) : acc_t(0);
+  const acc_t grad = element_grad_regrouped(g.coeffs, need, ws, wt, z - t);
+  return is_unmasked(z, t) ? grad : acc_t(0);
 }
 
 template <typename acc_t, unsigned kBases>

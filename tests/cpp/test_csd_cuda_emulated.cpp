@@ -28,6 +28,10 @@
 #include <vector>
 
 #include "bf16.h"
+
+// As c10::BFloat16 in the kernels: vectors convert two elements per word.
+template <>
+struct csd::gpu::IsBFloat16<Bf16> : std::true_type {};
 #include "check.h"
 
 using namespace csd;

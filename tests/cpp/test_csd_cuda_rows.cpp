@@ -35,6 +35,10 @@ static int g_misaligned = 0;
 #include <vector>
 
 #include "bf16.h"
+
+// As c10::BFloat16 in the kernels: vectors convert two elements per word.
+template <>
+struct csd::gpu::IsBFloat16<Bf16> : std::true_type {};
 #include "check.h"
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -229,16 +233,12 @@ void check_backward(int n, int oz, int ot, int oo, int group, bool live, uint32_
   const zs_t sentinel = zs_t(12345.0f);
   for (size_t i = 0; i < ob.total; ++i) ob.mem.get()[i] = sentinel;
   GradMath<acc_t> g;
-  g.w1 = mixture_of<acc_t>('M', acc_t(0.3));
-  g.w2 = mixture_of<acc_t>('U', acc_t(0.3));
-  g.need = needs_of(g.w1, g.w2);
+  const Mixture<acc_t> w1 = mixture_of<acc_t>('M', acc_t(0.3)), w2 = mixture_of<acc_t>('U', acc_t(0.3));
+  g.need = needs_of(w1, w2);
   g.inv_temp = acc_t(1 / 1.3);
   g.lse_s = acc_t(9.0);
   g.lse_t = acc_t(7.5);
-  g.inv_count = acc_t(1.0 / n);
-  g.mean1 = acc_t(4.1);
-  g.mean2 = acc_t(3.9);
-  g.half_scale = acc_t(0.5 * 1.7);
+  g.coeffs = grad_coeffs(w1, w2, acc_t(4.1), acc_t(3.9), acc_t(1.0 / n), acc_t(0.5 * 1.7));
   g.live = live;
   zb.guard(true);
   tb.guard(true);
@@ -302,6 +302,43 @@ void sweep_backward() {
 }
 
 }  // namespace
+
+// Packed lanes (2-byte types, two per 32-bit word) give exactly the
+// element-wise conversion (the stand-in's operator float, like c10's) for
+// every 16-bit pattern: normals, subnormals, zeros, infinities and NaNs of
+// both signs; loaded as a vector or set element by element over a cleared
+// (-inf) register, and whatever the order of the sets.
+TEST_CASE(packed_bf16_lanes_convert_exactly) {
+  using csd::gpu::Lanes;
+  static_assert(csd::gpu::IsBFloat16<Bf16>::value, "the shift-and-mask path is the one under test");
+  int mismatches = 0;
+  for (uint32_t base = 0; base < 65536; base += 8) {
+    csd::gpu::VecOf<Bf16, 8> v;
+    for (int j = 0; j < 8; ++j) v.v[j].bits = uint16_t(base + uint32_t((j * 5) % 8));
+    Lanes<Bf16, 8> loaded, set;
+    loaded.load(v.v);
+    set.clear();
+    for (int j = 7; j >= 0; j -= 2) set.set(j, v.v[j]);
+    for (int j = 0; j < 8; j += 2) set.set(j, v.v[j]);
+    float a[8], b[8];
+    loaded.convert<float>(a);
+    set.convert<float>(b);
+    for (int j = 0; j < 8; ++j) {
+      const float want = static_cast<float>(v.v[j]);
+      if (std::memcmp(&a[j], &want, sizeof want) != 0 || std::memcmp(&b[j], &want, sizeof want) != 0) {
+        ++mismatches;
+      }
+    }
+  }
+  CHECK(mismatches == 0);
+  // A cleared register holds -inf everywhere; set() touches one element.
+  Lanes<Bf16, 8> x;
+  x.clear();
+  x.set(3, Bf16(2.5f));
+  float out[8];
+  x.convert<float>(out);
+  for (int j = 0; j < 8; ++j) CHECK(j == 3 ? out[j] == 2.5f : out[j] == -INFINITY);
+}
 
 TEST_CASE(forward_walk_fp32_fp32) { sweep_forward<float, float>(); }
 TEST_CASE(forward_walk_bf16_bf16) { sweep_forward<Bf16, Bf16>(); }
