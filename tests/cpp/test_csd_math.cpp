@@ -319,6 +319,26 @@ TEST_CASE(chunk_moments_match_two_pass) {
   }
 }
 
+// exp_fast's formula, 2^(x log2 e), loses only the rounding of x log2 e:
+// |x| * 2^-24 relative, so the weights near the max (x near 0) are as good
+// as expf's and the far tail's error grows slowly; -inf gives 0, NaN stays
+// NaN.  (On the GPU ex2.approx adds its own <= 2 ulp; off it, exp2f ~0.5.)
+TEST_CASE(exp_fast_error_is_the_argument_rounding) {
+  const double eps = std::ldexp(1.0, -24);
+  double worst = 0;
+  for (int i = 0; i <= 200000; ++i) {
+    const float x = float(-87.0 * i / 200000.0);  // down to the normal range's end
+    const double got = csd::exp_fast(x), want = std::exp(double(x));
+    const double allowed = (2.0 + std::fabs(double(x)) * 1.5) * eps;
+    worst = std::max(worst, std::fabs(got - want) / want / allowed);
+  }
+  CHECK(worst <= 1.0);
+  CHECK(csd::exp_fast(0.0f) == 1.0f);
+  CHECK(csd::exp_fast(-std::numeric_limits<float>::infinity()) == 0.0f);
+  CHECK(std::isnan(csd::exp_fast(std::numeric_limits<float>::quiet_NaN())));
+  CHECK(csd::exp_fast(-1.5) == std::exp(-1.5));  // fp64 keeps the exact exp
+}
+
 TEST_CASE(merge_order_independent_fp64) { merge_is_order_independent<double>(1e-11); }
 TEST_CASE(merge_order_independent_fp32) { merge_is_order_independent<float>(3e-4); }
 
