@@ -262,10 +262,11 @@ def write_results(report, args):
            f"- Inputs: student/teacher logits ~ N(0, 3²) with the student = teacher + N(0, 1.5²), "
            f"{100 * args.ignore_frac:.0f}% of labels ignored, temperature {args.temperature}, α = {args.alpha} (M).",
            f"- Time: wall clock per call ({'CUDA events after a synchronize' if args.device == 'cuda' else 'perf_counter'}), "
-           + (f"each sample {args.batch} back-to-back calls divided by {args.batch} (the GPU time per call when the "
-              "host keeps the queue full, as in training; the host's per-call dispatch and launch overhead, "
-              "which a lone synchronized call adds while the GPU waits, is in the single-call latency table "
-              "below the results), " if args.batch > 1 else "")
+           + (f"each sample {args.batch} back-to-back calls divided by {args.batch} (the time per call of a "
+              "training loop, where the host queues each call while the GPU runs the previous one: the GPU's "
+              "time, or the host's per-call dispatch and launch time where that is longer; a lone synchronized "
+              "call, which pays both in turn, is in the single-call latency table below the results), "
+              if args.batch > 1 else "")
            + f"after the compiling call and {args.warmup} warm-up call(s); at least {args.min_repeats} repeats and "
            f"{args.min_time} s per contender and pass; median (min–max). fwd+bwd = forward + `backward()` with the "
            "student requiring grad (its previous `.grad` freed before the timer starts); fwd = forward under "

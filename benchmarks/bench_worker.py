@@ -71,10 +71,10 @@ class Timer:
 
     On CUDA the clock is a pair of events around the batch, after a
     synchronize: with batch > 1 the host queues the next call while the GPU
-    runs the previous one, so the figure is the GPU time per call of a
-    training loop, not the host's launch overhead (Python dispatch, argument
-    checks, the launches themselves) during which a single synchronized call
-    leaves the GPU idle.  `batch=1` gives that single-call latency.  On the
+    runs the previous one, as in a training loop, so the figure is the GPU's
+    time per call, or the host's (Python dispatch, argument checks, the
+    launches) where that is longer.  A single synchronized call (`batch=1`)
+    pays both in turn: the GPU idles while the host prepares the call.  On the
     CPU the clock is perf_counter and the work is synchronous anyway."""
 
     def __init__(self, device, batch=1):
