@@ -483,13 +483,27 @@ struct Accumulate {
   }
 };
 
+// Elements per forward chunk.  The exact variants with 2-byte inputs take
+// two 16-byte vectors per tensor per chunk (16 elements): the per-chunk
+// merge into the running state (two exps, two divisions: ~50 instructions)
+// is paid once per 16 entries instead of 8, and each thread has twice the
+// bytes in flight.  That costs registers -- SS 104-118, TS/US 127-128 of the
+// 128 allowed, no spills on sm_80-90 (the CI build check watches) -- so the
+// general variant (three states) and wider dtypes keep 8.
+template <typename zs_t, typename ts_t, unsigned kBases>
+struct ForwardChunk {
+  static constexpr int value = kBases != kBaseAll && Shape<zs_t, ts_t>::kWidest == 2
+                                   ? 2 * Shape<zs_t, ts_t>::kChunk
+                                   : Shape<zs_t, ts_t>::kChunk;
+};
+
 // This lane's moments of [0, n) of one row segment, merged into `st`.
 template <typename acc_t, unsigned kBases, typename zs_t, typename ts_t>
 CSD_HD void accumulate_segment(RowState<acc_t, kBases>& st, const zs_t* z, const ts_t* t, int n,
                                int lane, int group, const ForwardMath<acc_t>& m) {
   Accumulate<acc_t, kBases> f{st, m};
-  walk_segment<Shape<zs_t, ts_t>::kChunk, acc_t>(z, t, static_cast<zs_t*>(nullptr), n, lane,
-                                                 group, true, f);
+  walk_segment<ForwardChunk<zs_t, ts_t, kBases>::value, acc_t>(z, t, static_cast<zs_t*>(nullptr), n,
+                                                               lane, group, true, f);
   st = f.st;
 }
 

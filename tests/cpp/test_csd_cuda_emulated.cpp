@@ -431,8 +431,22 @@ TEST_CASE(variant_selection) {
 }
 
 // An exact variant computes the same operations as the general variant on
-// the bases it carries (the general one only adds exact zeros), so loss,
-// statistics and gradient must be bit-identical.
+// the bases it carries (the general one only adds exact zeros), so with the
+// same chunk length loss, statistics and gradient must be bit-identical; the
+// exact forward with 2-byte dtypes walks longer chunks (ForwardChunk), and
+// there it must agree to a few ulp.
+
+// The forward chunk length of the variant `v` serves for T/T inputs.
+template <typename T>
+int forward_chunk_of(unsigned v) {
+  switch (v) {
+    case kBaseS: return ForwardChunk<T, T, kBaseS>::value;
+    case kBaseS | kBaseT: return ForwardChunk<T, T, kBaseS | kBaseT>::value;
+    case kBaseS | kBaseU: return ForwardChunk<T, T, kBaseS | kBaseU>::value;
+    default: return ForwardChunk<T, T, kBaseAll>::value;
+  }
+}
+
 template <typename T>
 void exact_variant_matches_general(const Case& c) {
   std::mt19937 rng(c.seed);
@@ -455,16 +469,30 @@ void exact_variant_matches_general(const Case& c) {
   emulated_forward<T, T>(z, t, keep.get(), m1, m2, 1.0 / c.temperature, loss_x, stats_x, false);
   emulated_forward<T, T>(z, t, keep.get(), m1, m2, 1.0 / c.temperature, loss_g, stats_g, true);
   const std::string where = describe(c, name_of<T>(), name_of<T>());
+  // With 2-byte dtypes the exact forward walks 16-element chunks and the
+  // general one 8 (ForwardChunk), so they merge in different orders: there
+  // the forward must agree to a few ulp of its values; elsewhere, bit for bit.
+  const Mixture<float> f1 = mixture_of<float>(c.weighting[0], float(c.alpha));
+  const Mixture<float> f2 = mixture_of<float>(c.weighting[1], float(c.alpha));
+  const bool same_chunks = forward_chunk_of<T>(variant_for<T, T, float>(needs_of(f1, f2))) ==
+                           ForwardChunk<T, T, kBaseAll>::value;
+  auto same = [&](float a, float b, float scale) {
+    if (same_chunks) return std::memcmp(&a, &b, sizeof(float)) == 0;
+    return std::fabs(double(a) - double(b)) <= 16 * 1.2e-7 * double(scale);
+  };
   for (size_t i = 0; i < loss_x.size(); ++i) {
-    if (std::memcmp(&loss_x[i], &loss_g[i], sizeof(float)) != 0) {
+    if (!same(loss_x[i], loss_g[i], std::fabs(loss_g[i]))) {
       check::fail(__FILE__, __LINE__, where + ": loss of row " + std::to_string(i) + " differs: " +
                                           std::to_string(loss_x[i]) + " vs " + std::to_string(loss_g[i]));
       return;
     }
   }
   for (size_t i = 0; i < stats_x.size(); ++i) {
-    if (std::memcmp(&stats_x[i], &stats_g[i], sizeof(float)) != 0) {
-      check::fail(__FILE__, __LINE__, where + ": stats entry " + std::to_string(i) + " differs");
+    // The means are differences of logits: their scale is the logits' (c.scale).
+    const float scale = std::max(std::fabs(stats_g[i]), float(c.scale));
+    if (!same(stats_x[i], stats_g[i], scale)) {
+      check::fail(__FILE__, __LINE__, where + ": stats entry " + std::to_string(i) + " differs: " +
+                                          std::to_string(stats_x[i]) + " vs " + std::to_string(stats_g[i]));
       return;
     }
   }
@@ -482,7 +510,7 @@ void exact_variant_matches_general(const Case& c) {
   }
 }
 
-TEST_CASE(exact_variants_match_the_general_variant_bitwise) {
+TEST_CASE(exact_variants_match_the_general_variant) {
   for (const char* w : {"SS", "TS", "ST", "US", "SU", "MM", "MS", "SM"}) {
     for (int64_t vocab : {1000, 32000}) {
       for (int64_t rows : {3, 300}) {  // split rows, then a block (or a warp) per row

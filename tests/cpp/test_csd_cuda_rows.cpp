@@ -136,17 +136,17 @@ Ref<double> reference(const zs_t* z, const ts_t* t, int n, double inv_temp) {
 }
 
 // CUB's order: a shuffle-down tree within each warp, then the warps in order.
-template <typename acc_t>
-RowState<acc_t> reduce_like_cub(std::vector<RowState<acc_t>> lanes) {
+template <typename acc_t, unsigned kBases>
+RowState<acc_t, kBases> reduce_like_cub(std::vector<RowState<acc_t, kBases>> lanes) {
   const int group = int(lanes.size());
   const int warp = std::min(group, kWarp);
-  std::vector<RowState<acc_t>> warps;
+  std::vector<RowState<acc_t, kBases>> warps;
   for (int w0 = 0; w0 < group; w0 += warp) {
     for (int offset = warp / 2; offset > 0; offset /= 2)
       for (int i = 0; i < offset; ++i) lanes[w0 + i] = merge_state(lanes[w0 + i], lanes[w0 + i + offset]);
     warps.push_back(lanes[w0]);
   }
-  RowState<acc_t> st = warps[0];
+  RowState<acc_t, kBases> st = warps[0];
   for (size_t w = 1; w < warps.size(); ++w) st = merge_state(st, warps[w]);
   return st;
 }
@@ -169,30 +169,35 @@ void fill(std::mt19937& rng, zs_t* z, ts_t* t, int n, double masked_frac) {
 template <typename zs_t, typename ts_t>
 using acc_of = std::conditional_t<std::is_same_v<zs_t, double> || std::is_same_v<ts_t, double>, double, float>;
 
-// Forward walk of one segment by `group` lanes vs the reference.
-template <typename zs_t, typename ts_t>
+// Forward walk of one segment by `group` lanes vs the reference, with the
+// state (and chunk size, ForwardChunk) of the variant kBases, which must
+// carry U: its sum counts the entries visited.
+template <typename zs_t, typename ts_t, unsigned kBases = kBaseAll>
 void check_forward(int n, int oz, int ot, int group, double masked, uint32_t seed) {
+  static_assert((kBases & kBaseU) != 0u, "U counts the visits");
   using acc_t = acc_of<zs_t, ts_t>;
+  using State = RowState<acc_t, kBases>;
   std::mt19937 rng(seed);
   Buffer<zs_t> zb(n, oz);
   Buffer<ts_t> tb(n, ot);
   fill(rng, zb.data, tb.data, n, masked);
   const double inv_temp = 1.0 / 1.3;
   const ForwardMath<acc_t> m{{true, true, true}, acc_t(inv_temp)};
-  std::vector<RowState<acc_t>> lanes(group, empty_state<acc_t>());
+  std::vector<State> lanes(group, empty_state<acc_t, kBases>());
   zb.guard(true);
   tb.guard(true);
   for (int lane = 0; lane < group; ++lane)
     accumulate_segment(lanes[lane], zb.data, tb.data, n, lane, group, m);
   zb.guard(false);
   tb.guard(false);
-  const RowState<acc_t> st = reduce_like_cub(lanes);
+  const State st = reduce_like_cub(lanes);
   const Ref<double> ref = reference(zb.data, tb.data, n, inv_temp);
   int count = 0;
   for (int i = 0; i < n; ++i) count += float(zb.data[i]) != -INFINITY && float(tb.data[i]) != -INFINITY;
   const std::string where = std::string(name_of<zs_t>()) + "/" + name_of<ts_t>() + " n=" +
                             std::to_string(n) + " offsets=" + std::to_string(oz) + "," +
-                            std::to_string(ot) + " group=" + std::to_string(group);
+                            std::to_string(ot) + " group=" + std::to_string(group) + " chunk=" +
+                            std::to_string(ForwardChunk<zs_t, ts_t, kBases>::value);
   // Exactly once: U's sum is the number of unmasked entries visited.
   if (st.u().sum != acc_t(count)) {
     check::fail(__FILE__, __LINE__, where + ": visited " + std::to_string(double(st.u().sum)) +
@@ -206,6 +211,7 @@ void check_forward(int n, int oz, int ot, int group, double masked, uint32_t see
   const double rtol = std::is_same_v<acc_t, double> ? 1e-11 : 5e-5;
   const Moments<acc_t> got[3] = {st.s(), st.t(), st.u()};
   for (int w = 0; w < 3; ++w) {
+    if ((kBases & (1u << w)) == 0u) continue;  // S, T, U are bits 0, 1, 2
     const Moments<acc_t>& g = got[w];
     const double scale = std::exp(double(g.max) - ref.max[w]);
     const bool ok = check::close(g.max, ref.max[w], 1e-6, 0) &&
@@ -284,7 +290,11 @@ void sweep_forward() {
   for (int n : kLengths)
     for (const auto& o : offsets)
       for (int group : {32, 256})
-        for (double masked : {0.0, 0.3}) check_forward<zs_t, ts_t>(n, o[0], o[1], group, masked, seed++);
+        for (double masked : {0.0, 0.3}) {
+          check_forward<zs_t, ts_t>(n, o[0], o[1], group, masked, seed);
+          // An exact variant: 16-element chunks for 2-byte dtypes.
+          check_forward<zs_t, ts_t, kBaseS | kBaseU>(n, o[0], o[1], group, masked, seed++);
+        }
   CHECK(g_misaligned == 0);
 }
 
