@@ -483,18 +483,19 @@ struct Accumulate {
   }
 };
 
-// Elements per forward chunk.  The exact variants with 2-byte inputs take
-// two 16-byte vectors per tensor per chunk (16 elements): the per-chunk
-// merge into the running state (two exps, two divisions: ~50 instructions)
-// is paid once per 16 entries instead of 8, and each thread has twice the
-// bytes in flight.  That costs registers -- SS 104-118, TS/US 127-128 of the
-// 128 allowed, no spills on sm_80-90 (the CI build check watches) -- so the
-// general variant (three states) and wider dtypes keep 8.
+// Elements per forward chunk.  The exact variants with 2-byte inputs, and
+// SS with fp32 inputs, take 16 elements per chunk (two or four 16-byte
+// vectors per tensor): the per-chunk merge into the running state (two exps,
+// two divisions: ~50 instructions) is paid once per 16 entries instead of 8,
+// and each thread has twice the bytes in flight.  That costs registers --
+// SS 104-118 (bf16, fp16) and 127 (fp32), TS/US 127-128 of the 128 allowed,
+// no spills on sm_80-90 (the CI build check watches) -- so fp32 TS/US (which
+// spilled), the general variant (three states) and fp64 keep 8 (4).
 template <typename zs_t, typename ts_t, unsigned kBases>
 struct ForwardChunk {
-  static constexpr int value = kBases != kBaseAll && Shape<zs_t, ts_t>::kWidest == 2
-                                   ? 2 * Shape<zs_t, ts_t>::kChunk
-                                   : Shape<zs_t, ts_t>::kChunk;
+  static constexpr int kWidest = Shape<zs_t, ts_t>::kWidest;
+  static constexpr bool kLong = (kBases != kBaseAll && kWidest == 2) || (kBases == kBaseS && kWidest == 4);
+  static constexpr int value = kLong ? 2 * Shape<zs_t, ts_t>::kChunk : Shape<zs_t, ts_t>::kChunk;
 };
 
 // This lane's moments of [0, n) of one row segment, merged into `st`.
