@@ -227,8 +227,9 @@ void check_forward(int n, int oz, int ot, int group, double masked, uint32_t see
   }
 }
 
-// Backward walk: each element written once, with the value grad_of gives it.
-template <typename zs_t, typename ts_t>
+// Backward walk: each element written once, with the value grad_of gives it,
+// by the variant kBases (and its chunk length, BackwardChunk).
+template <typename zs_t, typename ts_t, unsigned kBases = kBaseAll>
 void check_backward(int n, int oz, int ot, int oo, int group, bool live, uint32_t seed) {
   using acc_t = acc_of<zs_t, ts_t>;
   std::mt19937 rng(seed);
@@ -239,7 +240,9 @@ void check_backward(int n, int oz, int ot, int oo, int group, bool live, uint32_
   const zs_t sentinel = zs_t(12345.0f);
   for (size_t i = 0; i < ob.total; ++i) ob.mem.get()[i] = sentinel;
   GradMath<acc_t> g;
-  const Mixture<acc_t> w1 = mixture_of<acc_t>('M', acc_t(0.3)), w2 = mixture_of<acc_t>('U', acc_t(0.3));
+  // M and U need all three bases; the S+U variant gets S and U.
+  const Mixture<acc_t> w1 = mixture_of<acc_t>(kBases == kBaseAll ? 'M' : 'S', acc_t(0.3));
+  const Mixture<acc_t> w2 = mixture_of<acc_t>('U', acc_t(0.3));
   g.need = needs_of(w1, w2);
   g.inv_temp = acc_t(1 / 1.3);
   g.lse_s = acc_t(9.0);
@@ -249,14 +252,15 @@ void check_backward(int n, int oz, int ot, int oo, int group, bool live, uint32_
   zb.guard(true);
   tb.guard(true);
   ob.guard(true);
-  for (int lane = 0; lane < group; ++lane) grad_segment(ob.data, zb.data, tb.data, n, lane, group, g);
+  for (int lane = 0; lane < group; ++lane) grad_segment<kBases>(ob.data, zb.data, tb.data, n, lane, group, g);
   zb.guard(false);
   tb.guard(false);
   ob.guard(false);
   const std::string where = std::string(name_of<zs_t>()) + "/" + name_of<ts_t>() + " n=" +
                             std::to_string(n) + " offsets=" + std::to_string(oz) + "," +
                             std::to_string(ot) + "," + std::to_string(oo) +
-                            " group=" + std::to_string(group);
+                            " group=" + std::to_string(group) + " chunk=" +
+                            std::to_string(BackwardChunk<zs_t, ts_t, kBases>::value);
   const zs_t* base = ob.mem.get();
   for (size_t i = 0; i < ob.total; ++i) {
     const long pos = long(i) - long(ob.data - base);
@@ -307,7 +311,11 @@ void sweep_backward() {
   for (int n : kLengths)
     for (const auto& o : offsets)
       for (int group : {32, 256})
-        for (bool live : {true, false}) check_backward<zs_t, ts_t>(n, o[0], o[1], o[2], group, live, seed++);
+        for (bool live : {true, false}) {
+          check_backward<zs_t, ts_t>(n, o[0], o[1], o[2], group, live, seed);
+          // An exact variant: 16-element chunks for bf16.
+          check_backward<zs_t, ts_t, kBaseS | kBaseU>(n, o[0], o[1], o[2], group, live, seed++);
+        }
   CHECK(g_misaligned == 0);
 }
 
