@@ -11,8 +11,8 @@
 //                     blocks per SM are wanted; a second kernel (a warp per
 //                     row, cub::WarpReduce) merges the segments' states.
 // The backward needs no reduction: it always cuts long rows into 16384-
-// element segments (one 256-thread block each, 8 chunk steps per thread),
-// and gives short rows a warp each.
+// element segments (one 256-thread block each: per thread, 8 chunk steps of
+// 8 entries, or 4 of 16), and gives short rows a warp each.
 #pragma once
 
 #include <algorithm>
