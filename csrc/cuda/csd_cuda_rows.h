@@ -377,12 +377,19 @@ constexpr int base_count(unsigned bases) {
   return int((bases & 1u) + ((bases >> 1) & 1u) + ((bases >> 2) & 1u));
 }
 
-// Whether a variant computes base `b`: never if it is not in the variant's
-// set; always in an exact variant; per `need` in the general one.
+// The bases a variant computes: its own set, fixed at compile time in an
+// exact variant (so every test of `Needs` folds away), and the weighting's
+// `need`, at run time, in the general one.
 template <unsigned kBases>
-CSD_HD bool computes(unsigned b, const Needs& need) {
-  if ((kBases & b) == 0u) return false;
-  if (kBases != kBaseAll) return true;
+CSD_HD Needs variant_needs(const Needs& need) {
+  if constexpr (kBases == kBaseAll) {
+    return need;
+  } else {
+    return {(kBases & kBaseS) != 0u, (kBases & kBaseT) != 0u, (kBases & kBaseU) != 0u};
+  }
+}
+
+CSD_HD bool has_base(const Needs& need, unsigned b) {
   return b == kBaseS ? need.s : b == kBaseT ? need.t : need.u;
 }
 
@@ -475,7 +482,7 @@ struct Accumulate {
   template <unsigned b, int E>
   CSD_HD void fold(const acc_t (&a)[E], const acc_t (&d)[E]) {
     if constexpr ((kBases & b) != 0u) {
-      if (computes<kBases>(b, m.need)) {
+      if (has_base(variant_needs<kBases>(m.need), b)) {
         Moments<acc_t>& x = st.template get<b>();
         x = merge(x, neutral_chunk_moments(a, d));
       }
@@ -519,18 +526,6 @@ struct GradMath {
   GradCoeffs<acc_t> coeffs;  // grad_coeffs(): means, U's 1/count and 1/2 * grad_loss * row weight folded in
   bool live;               // false for an ignored row: write zeros, read nothing
 };
-
-// The bases an element's gradient uses: fixed at compile time in an exact
-// variant (so element_grad_regrouped's tests fold away), `need` in the
-// general one.
-template <unsigned kBases>
-CSD_HD Needs variant_needs(const Needs& need) {
-  if constexpr (kBases == kBaseAll) {
-    return need;
-  } else {
-    return {(kBases & kBaseS) != 0u, (kBases & kBaseT) != 0u, (kBases & kBaseU) != 0u};
-  }
-}
 
 // Gradient of one element, 0 where z or t is -inf, by the shared regrouped
 // form (csd_math.h: S_k (s_d e_k + s_k) + T_k (t_d e_k + t_k) + (u_d e_k +
