@@ -158,3 +158,20 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     streams = [ShardedBatchStream(items, 2, seed=3, rank=r, world=2) for r in range(2)]
     counts = [[sum(x != IGNORE_INDEX for it in s.next() for x in it["labels"]) for _ in range(8)] for s in streams]
     assert counts[0] != counts[1]
+
+
+def test_release_process_group_destroys_the_default_group(tmp_path):
+    """The CLI ends every run with release_process_group: left to the
+    interpreter's teardown, gloo threads can abort a finished rank."""
+    from csd_ext.distill.distributed import release_process_group
+
+    release_process_group()  # no group: nothing to do
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert torch.distributed.is_initialized()
+        release_process_group()
+        assert not torch.distributed.is_initialized()
+        release_process_group()  # twice is fine
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -14,6 +14,7 @@ import yaml
 from .checkpoint import CheckpointError
 from .config import ConfigError, DistillConfig, build_config, preset_names
 from .data import DataError
+from .distributed import release_process_group
 from .models import ModelError
 
 HELP = {
@@ -150,4 +151,6 @@ def main(argv=None):
     except (ConfigError, DataError, ModelError, CheckpointError) as exc:
         print(f"csd-distill: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        release_process_group()
     return 0

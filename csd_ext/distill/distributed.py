@@ -22,6 +22,8 @@
 - ``place_teacher``: the frozen teacher replicated on every device, or
   sharded across the processes with FSDP2 (``fully_shard``) per decoder
   block.
+- ``release_process_group``: the end of a run destroys the process group
+  explicitly (the CLI does, on every exit path).
 """
 
 import contextlib
@@ -163,6 +165,16 @@ def is_sharded(model):
         if isinstance(m, (FSDPModule, FSDP)):
             return True
     return any(hasattr(p, "ds_id") for p in model.parameters())  # DeepSpeed ZeRO-3
+
+
+def release_process_group():
+    """Destroys the default process group, if one exists, before the
+    interpreter shuts down.  Left to the interpreter's teardown, gloo's
+    worker threads can outlive it and a rank dies with SIGABRT ("terminate
+    called without an active exception") after finishing its work, which
+    fails the whole torchrun launch.  Safe to call more than once."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def rank_and_world():
