@@ -138,13 +138,16 @@ CSD_HD double log_of(double x) { return ::log(x); }
 // within a few ulp -- far inside what fp32 sums over a row lose anyway.
 // Results below 2^-126 flush to 0; such a weight, relative to the row's
 // largest (1), cannot change a sum in fp32.  Off the GPU (the CPU emulation
-// of the kernels in tests/cpp) it is the same formula with exp2f.  fp64
-// (tests only) keeps the exact exp.
+// of the kernels in tests/cpp) it is the same formula, with a model of
+// ex2.approx.ftz's error (CSD_EX2_APPROX_MODEL, cuda_emulation.h), or with
+// exp2f elsewhere.  fp64 (tests only) keeps the exact exp.
 CSD_HD float exp_fast(float x) {
 #if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
   return y;
+#elif defined(CSD_EX2_APPROX_MODEL)
+  return CSD_EX2_APPROX_MODEL(x * 1.4426950408889634f);
 #else
   return ::exp2f(x * 1.4426950408889634f);
 #endif

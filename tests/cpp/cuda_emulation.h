@@ -11,6 +11,11 @@
 //     lane / thread 0 only, as in CUB.
 // A warp's or a block's threads that return before a collective are not
 // waited for, as on sm_70+ (the kernels only ever return whole groups).
+//   * csd::exp_fast, which is ex2.approx.ftz on a GPU, gets that
+//     instruction's error bound rather than exp2f's near-exact result: each
+//     argument's result is moved by a pseudo-random -2..+2 ulp (a fixed
+//     function of its bits, so a run is reproducible and equal inputs give
+//     equal outputs), and results below the smallest normal flush to 0.
 // What this cannot catch: data races, out-of-order memory effects, and
 // anything about the real compiler's code generation; tests/cpp and the GPU
 // tests (python_tests/test_cuda.py) cover the rest.
@@ -19,7 +24,10 @@
 #define CSD_CUDA_EMULATION 1
 
 #include <barrier>
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -89,7 +97,22 @@ T warp_tree(T* v, Op op) {
   return v[0];
 }
 
+// 2^a as ex2.approx.ftz.f32 may return it: within 2 ulp (CUDA documents 2
+// ulp for exp2f, which is this instruction), subnormal results flushed to 0.
+inline float ex2_approx_model(float a) {
+  float y = std::exp2(a);
+  if (!(y >= FLT_MIN) || std::isinf(y)) return std::isnan(y) ? y : (y >= FLT_MIN ? y : 0.0f);
+  uint32_t abits, ybits;
+  std::memcpy(&abits, &a, sizeof abits);
+  std::memcpy(&ybits, &y, sizeof ybits);
+  ybits += uint32_t(int(((abits * 2654435761u) >> 16) % 5u) - 2);  // -2..+2 ulp
+  std::memcpy(&y, &ybits, sizeof y);
+  return y >= FLT_MIN ? y : 0.0f;
+}
+
 }  // namespace emu
+
+#define CSD_EX2_APPROX_MODEL ::emu::ex2_approx_model
 
 #define threadIdx (::emu::thread_idx)
 #define blockIdx (::emu::block_idx)

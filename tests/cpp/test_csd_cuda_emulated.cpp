@@ -12,9 +12,7 @@
 // masking and CUB reductions, but not the real compiler or memory model.
 #include "cuda_emulation.h"  // first: defines the CUDA keywords and cub:: for the kernels
 
-#include "../../csrc/cuda/csd_cuda_backward_kernel.cuh"
-#include "../../csrc/cuda/csd_cuda_forward_kernels.cuh"
-#include "../../csrc/cuda/csd_cuda_variants.h"
+#include "emulated_launch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -158,55 +156,26 @@ RowRef reference_row(const std::vector<double>& z, const std::vector<double>& t,
   return r;
 }
 
-// Runs the forward kernels as launch_forward does: the launch plan, the
-// kernel variant for the weighting (or the general one, to compare), the
-// split-row scratch states and the merge kernel.
+// The emulated launchers (emulated_launch.h) on Rows storage, an H200's SM count.
 template <typename zs_t, typename ts_t, typename acc_t = acc_of<zs_t, ts_t>>
 void emulated_forward(const Rows<zs_t>& z, const Rows<ts_t>& t, const bool* mask_ptr,
-                                    const Mixture<double>& m1, const Mixture<double>& m2, double inv_temp,
-                                    std::vector<acc_t>& loss, std::vector<acc_t>& stats, bool force_general) {
-  const int64_t rows = z.rows, vocab = z.vocab;
-  loss.assign(size_t(rows), acc_t(-999));
-  stats.assign(size_t(rows * kNumStats), acc_t(-999));
-  const LaunchPlan plan = plan_forward(rows, vocab, kSms);
-  const ForwardArgs<acc_t> args = forward_args<acc_t>(rows, vocab, z.stride, t.stride, plan, mask_ptr, loss.data(),
-                                                      stats.data(), nullptr, m1, m2, inv_temp);
-  auto launch = [&](auto variant) {
-    constexpr unsigned kBases = decltype(variant)::value;
-    ForwardArgs<acc_t> a = args;
-    std::vector<RowState<acc_t, kBases>> partial(size_t(plan.segs > 1 ? rows * plan.segs : 0));
-    if (!partial.empty()) a.partial = partial.data();
-    emu::launch(plan.blocks, kThreads, csd_forward_kernel<zs_t, ts_t, acc_t, kBases>,
-                static_cast<const zs_t*>(z.data), static_cast<const ts_t*>(t.data), a);
-    if (plan.segs > 1) emu::launch(ceil_div(rows, kThreads / kWarp), kThreads, csd_merge_segments_kernel<acc_t, kBases>, a);
-  };
-  if (force_general) {
-    launch(BaseTag<kBaseAll>{});
-  } else {
-    with_variant<zs_t, ts_t, acc_t>(args.math.need, launch);
-  }
+                      const Mixture<double>& m1, const Mixture<double>& m2, double inv_temp,
+                      std::vector<acc_t>& loss, std::vector<acc_t>& stats, bool force_general) {
+  loss.assign(size_t(z.rows), acc_t(-999));
+  stats.assign(size_t(z.rows * kNumStats), acc_t(-999));
+  csd::gpu::emulated_forward(static_cast<const zs_t*>(z.data), z.stride, static_cast<const ts_t*>(t.data),
+                             t.stride, z.rows, z.vocab, mask_ptr, m1, m2, inv_temp, loss.data(), stats.data(),
+                             kSms, force_general);
 }
 
-// Runs the backward kernel as launch_backward does, with the variant for the
-// weighting (or the general one).
 template <typename zs_t, typename ts_t, typename acc_t = acc_of<zs_t, ts_t>>
 void emulated_backward(const Rows<zs_t>& z, const Rows<ts_t>& t, const std::vector<acc_t>& grad_out, bool per_row,
                        const std::vector<acc_t>& stats, const Mixture<double>& m1, const Mixture<double>& m2,
                        double inv_temp, std::vector<zs_t>& grad, bool force_general) {
-  const int64_t rows = z.rows, vocab = z.vocab;
-  grad.assign(size_t(rows * vocab), zs_t(12345.0f));
-  const LaunchPlan plan = plan_backward(rows, vocab);
-  const BackwardArgs<acc_t> a = backward_args<acc_t>(rows, vocab, z.stride, t.stride, plan, grad_out.data(),
-                                                     per_row ? 1 : 0, stats.data(), m1, m2, inv_temp);
-  auto launch = [&](auto variant) {
-    emu::launch(plan.blocks, kThreads, csd_backward_kernel<zs_t, ts_t, acc_t, decltype(variant)::value>,
-                grad.data(), static_cast<const zs_t*>(z.data), static_cast<const ts_t*>(t.data), a);
-  };
-  if (force_general) {
-    launch(BaseTag<kBaseAll>{});
-  } else {
-    with_variant<zs_t, ts_t, acc_t>(a.need, launch);
-  }
+  grad.assign(size_t(z.rows * z.vocab), zs_t(12345.0f));
+  csd::gpu::emulated_backward(grad.data(), static_cast<const zs_t*>(z.data), z.stride,
+                              static_cast<const ts_t*>(t.data), t.stride, z.rows, z.vocab, grad_out.data(),
+                              per_row ? 1 : 0, stats.data(), m1, m2, inv_temp, force_general);
 }
 
 template <typename zs_t, typename ts_t>
