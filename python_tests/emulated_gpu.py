@@ -1,0 +1,135 @@
+"""csd_ext's CUDA kernels on the CPU, for the GPU suite in CI (no GPU there).
+
+`load_emulated_ops()` builds tests/cpp/torch_emulated_ops.cpp: torch ops
+that run the CUDA kernels' own source under tests/cpp/cuda_emulation.h (a
+thread per GPU thread, CUB's reduction order, the GPU's ``ex2.approx`` error
+bound for ``exp_fast``) with the real launchers' plans.  `EmulatedGpu`
+routes csd_ext's ops for CPU tensors to them, as a GPU would run them:
+
+    with EmulatedGpu() as gpu:
+        csd_loss(z, t)               # the CUDA kernels, emulated
+        with gpu.cpu_kernel():
+            csd_loss(z, t)           # the real CPU kernel
+
+What this cannot show: the real compiler's code generation, data races and
+the memory model, and speed.  Those need a GPU (scripts/gpu_check.sh).
+"""
+
+import contextlib
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import csd_ext._ops as csd_ops
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SOURCE = REPO_ROOT / "tests" / "cpp" / "torch_emulated_ops.cpp"
+H200_SM_COUNT = 132  # the SM count the emulated launches plan for (split rows below 2 x SMs)
+
+
+def _cpu_has_fma():
+    try:
+        return " fma " in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def load_emulated_ops():
+    """Builds (once per build directory and source version) and loads the ops
+    csd_emulated::forward / backward."""
+    from torch.utils.cpp_extension import load
+
+    # torch's JIT build notices changes of the .cpp only; the kernels are in
+    # headers, so the build directory is named after all of them.
+    digest = hashlib.sha256()
+    for path in sorted([SOURCE, *(REPO_ROOT / "csrc").rglob("*.h"), *(REPO_ROOT / "csrc").rglob("*.cuh"),
+                        *(REPO_ROOT / "tests" / "cpp").glob("*.h")]):
+        digest.update(path.read_bytes())
+    root = Path(os.environ.get("CSD_EMULATED_OPS_BUILD", REPO_ROOT / "build" / "emulated_ops"))
+    build_dir = root / digest.hexdigest()[:16]
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # -O1 builds in about half the time of -O2 and the kernels still run fast
+    # enough.  The GPU contracts a*b+c into one fused multiply-add; -mfma lets
+    # the host compiler do the same (GCC contracts by default), so the
+    # emulation rounds like the GPU, not like an FMA-free build.
+    flags = ["-O1", "-pthread"] + (["-mfma"] if _cpu_has_fma() else [])
+    load(name="csd_emulated_ops", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-pthread"],
+         build_directory=str(build_dir), is_python_module=False, verbose=False)
+    return torch.ops.csd_emulated
+
+
+class EmulatedGpu:
+    """Routes csd_ext::csd_forward / csd_backward on CPU tensors to the
+    emulated CUDA kernels, and turns off the CPU-only fused forward+gradient
+    path (a GPU has none), while active.  Not reentrant.  It is also the GPU
+    suite's `gpu` (gpu_suite.RealGpu's interface): inputs for the kernels
+    under test stay on the CPU."""
+
+    device = torch.device("cpu")
+    emulated = True
+
+    def __init__(self, sm_count=H200_SM_COUNT):
+        self._sm_count = sm_count
+        self._ops = load_emulated_ops()
+        self._lib = None
+        self._has_fused_kernel = None
+
+    def _route(self):
+        ops = self._ops
+        sms = self._sm_count
+        lib = torch.library.Library("csd_ext", "IMPL")  # noqa: TOR901 - overrides the CPU kernels while routed
+
+        def forward(student, teacher, row_mask, weighting, alpha, temperature):
+            return ops.forward(student, teacher, row_mask, weighting, alpha, temperature, sms)
+
+        def backward(grad_loss, student, teacher, stats, weighting, alpha, temperature):
+            return ops.backward(grad_loss, student, teacher, stats, weighting, alpha, temperature)
+
+        with _quiet_override_warning():
+            lib.impl("csd_forward", forward, "CPU")
+            lib.impl("csd_backward", backward, "CPU")
+        self._lib = lib
+        self._has_fused_kernel = csd_ops.has_fused_kernel
+        csd_ops.has_fused_kernel = lambda device: False
+
+    def _unroute(self):
+        csd_ops.has_fused_kernel = self._has_fused_kernel
+        self._lib._destroy()  # the CPU kernels registered in C++ are current again
+        self._lib = None
+
+    def __enter__(self):
+        self._route()
+        return self
+
+    def __exit__(self, *exc):
+        self._unroute()
+        return False
+
+    def sm_count(self):
+        return self._sm_count
+
+    def require_real(self, why):
+        pytest.skip(f"needs a real GPU: {why}")
+
+    @contextlib.contextmanager
+    def cpu_kernel(self):
+        """The real CPU kernel (and its fused path) inside an emulated section."""
+        self._unroute()
+        try:
+            yield
+        finally:
+            self._route()
+
+
+@contextlib.contextmanager
+def _quiet_override_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+        yield
