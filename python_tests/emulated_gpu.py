@@ -44,20 +44,22 @@ def load_emulated_ops():
     csd_emulated::forward / backward."""
     from torch.utils.cpp_extension import load
 
-    # torch's JIT build notices changes of the .cpp only; the kernels are in
-    # headers, so the build directory is named after all of them.
-    digest = hashlib.sha256()
+    # nvcc contracts a*b+c into one fused multiply-add.  With -mfma and
+    # -ffp-contract=fast (off by default under -std=c++20) GCC does the same,
+    # at -O2 (its contraction pass does not run at -O1), so the emulation
+    # rounds like the GPU, not like an FMA-free build.
+    fma = ["-mfma", "-ffp-contract=fast"] if _cpu_has_fma() else []
+    flags = ["-O2", "-pthread", *fma]
+    # torch's JIT build notices changes of the .cpp only, and of the flags only
+    # within one process; the kernels are in headers.  So the build directory
+    # is named after the flags and every header.
+    digest = hashlib.sha256(" ".join(flags).encode())
     for path in sorted([SOURCE, *(REPO_ROOT / "csrc").rglob("*.h"), *(REPO_ROOT / "csrc").rglob("*.cuh"),
                         *(REPO_ROOT / "tests" / "cpp").glob("*.h")]):
         digest.update(path.read_bytes())
     root = Path(os.environ.get("CSD_EMULATED_OPS_BUILD", REPO_ROOT / "build" / "emulated_ops"))
     build_dir = root / digest.hexdigest()[:16]
     build_dir.mkdir(parents=True, exist_ok=True)
-    # -O1 builds in about half the time of -O2 and the kernels still run fast
-    # enough.  The GPU contracts a*b+c into one fused multiply-add; -mfma lets
-    # the host compiler do the same (GCC contracts by default), so the
-    # emulation rounds like the GPU, not like an FMA-free build.
-    flags = ["-O1", "-pthread"] + (["-mfma"] if _cpu_has_fma() else [])
     load(name="csd_emulated_ops", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-pthread"],
          build_directory=str(build_dir), is_python_module=False, verbose=False)
     return torch.ops.csd_emulated

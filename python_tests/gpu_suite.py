@@ -255,6 +255,26 @@ def test_non_contiguous_leading_dims_and_broadcast_teacher(gpu):
     torch.testing.assert_close(csd_loss(x, y), csd_loss(x.contiguous(), y.contiguous()), rtol=1e-5, atol=1e-6)
 
 
+def test_row_offsets_past_2_to_31_elements(gpu):
+    """Rows 2^30 + 5 elements apart, so the last row starts past element 2^31
+    of its storage: a row offset computed in 32 bits would read elsewhere.
+    The storage is 4 GiB of bf16; on the CPU (the emulation) it is virtual
+    memory, of which only the rows' pages are touched."""
+    vocab, stride = 5003, 2**30 + 5
+    if not gpu.emulated:
+        free, _ = torch.cuda.mem_get_info(gpu.device)
+        if free < 6 * 2**30:
+            pytest.skip(f"needs 6 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    storage = torch.empty(2 * stride + vocab, dtype=torch.bfloat16, device=gpu.device)
+    z = storage.as_strided((3, vocab), (stride, 1))
+    zv, tv = make_logits((3, vocab), scale=5.0, dtype=torch.bfloat16, seed=31, mask_frac=0.02)
+    z.copy_(zv)
+    assert z.storage_offset() + 2 * z.stride(0) > 2**31
+    for weighting in ("SS", "TS", "MU"):
+        cuda_vs_cpu(gpu, z, tv.to(gpu.device), weighting=weighting)
+    del storage, z
+
+
 def test_64bit_offsets(gpu):
     """N * V > 2^31: row offsets overflow 32 bits (needs ~13 GB of GPU memory)."""
     gpu.require_real("2^31 elements (13 GB) are beyond the emulation's time and memory")
