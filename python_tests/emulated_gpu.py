@@ -80,6 +80,7 @@ class EmulatedGpu:
         self._ops = load_emulated_ops()
         self._lib = None
         self._has_fused_kernel = None
+        self.launches = 0  # emulated forward and backward calls, so tests can see the routing
 
     def _route(self):
         ops = self._ops
@@ -87,9 +88,11 @@ class EmulatedGpu:
         lib = torch.library.Library("csd_ext", "IMPL")  # noqa: TOR901 - overrides the CPU kernels while routed
 
         def forward(student, teacher, row_mask, weighting, alpha, temperature):
+            self.launches += 1
             return ops.forward(student, teacher, row_mask, weighting, alpha, temperature, sms)
 
         def backward(grad_loss, student, teacher, stats, weighting, alpha, temperature):
+            self.launches += 1
             return ops.backward(grad_loss, student, teacher, stats, weighting, alpha, temperature)
 
         with _quiet_override_warning():

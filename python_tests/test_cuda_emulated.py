@@ -17,3 +17,25 @@ from gpu_suite import *  # noqa: F401,F403  (the tests)
 def gpu():
     with EmulatedGpu() as emulated:
         yield emulated
+
+
+def test_the_suite_reaches_the_emulated_kernels(gpu):
+    """csd_loss (forward and backward) goes to the emulated CUDA kernels, and
+    gpu.cpu_kernel() to the real CPU kernel, so the suite's CUDA-vs-CPU
+    comparisons compare two different kernels."""
+    import torch
+
+    from csd_ext import csd_loss
+    from csd_testing import make_logits
+
+    z, t = make_logits((3, 5000), seed=2)
+    z.requires_grad_(True)
+    before = gpu.launches
+    csd_loss(z, t).backward()
+    assert gpu.launches == before + 2
+    with gpu.cpu_kernel():
+        csd_loss(z, t).backward()
+        torch.ops.csd_ext.csd_forward(z.detach(), t, None, "SS", 0.5, 1.0)
+    assert gpu.launches == before + 2
+    torch.ops.csd_ext.csd_forward(z.detach(), t, None, "SS", 0.5, 1.0)
+    assert gpu.launches == before + 3
