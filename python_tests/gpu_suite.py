@@ -21,6 +21,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -340,6 +341,61 @@ def test_reductions_and_ignore_index(gpu):
         ga, gc = a.grad.cpu().reshape(grad_tol.shape), ac.grad.reshape(grad_tol.shape)
         assert agree(ga, gc, grad_tol), f"worst diff/tol {((ga.double() - gc.double()).abs() / grad_tol).max():.3g}"
         assert (a.grad[~valid] == 0).all()
+
+
+# Ops that read a device value back to the host (or size an output by the
+# data), so the host waits for the GPU: .item(), bool(t), int(t) (all
+# _local_scalar_dense), nonzero, masked_select, unique, equal, ...
+HOST_SYNC_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::masked_select",
+                 "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::equal",
+                 "aten::repeat_interleave", "aten::bincount"}
+
+
+class RecordOps(TorchDispatchMode):
+    """The names of the ops dispatched while active (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func._schema.name))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def cuda_sync_check(gpu):
+    """On a real GPU, torch.cuda's sync debug mode raises on any synchronising call."""
+    if gpu.emulated:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_no_host_syncs(gpu):
+    """csd_loss (each reduction, with ignored tokens), its backward and
+    fused_linear_csd never make the host wait for the device: the valid-token
+    count stays on the device, so a training step queues its kernels ahead
+    and CUDA graphs can capture it.  The dispatched ops are recorded (both
+    backends); on a real GPU the sync debug mode also raises on any sync."""
+    z, t = make_logits((4, 6, 5003), seed=5, device=gpu.device)
+    labels = make_labels((4, 6), ignore_frac=0.3, seed=5, device=gpu.device)
+    h = torch.randn(24, 16, device=gpu.device, requires_grad=True)
+    w = torch.randn(5003, 16, device=gpu.device, requires_grad=True)
+    for reduction in ("mean", "sum", "none"):
+        zz = z.clone().requires_grad_(True)
+        with RecordOps() as rec, cuda_sync_check(gpu):
+            loss = csd_loss(zz, t, labels, weighting="TS", reduction=reduction)
+            loss.sum().backward()
+            fused = csd_ext.fused_linear_csd(h, w, teacher_logits=t.reshape(24, 5003), labels=labels.reshape(24),
+                                             reduction=reduction)
+            fused.sum().backward()
+        assert "csd_ext::csd_forward" in rec.ops and "csd_ext::csd_backward" in rec.ops, sorted(rec.ops)
+        assert not rec.ops & HOST_SYNC_OPS, f"{reduction}: host syncs {sorted(rec.ops & HOST_SYNC_OPS)}"
 
 
 def test_all_ignored_and_empty_batches(gpu):
