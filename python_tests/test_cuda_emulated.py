@@ -17,6 +17,12 @@ from gpu_suite import *  # noqa: F401,F403  (the tests)
 def gpu():
     with EmulatedGpu() as emulated:
         yield emulated
+    # The routing ends with this module: later modules get the CPU kernels.
+    import torch
+
+    before = emulated.launches
+    torch.ops.csd_ext.csd_forward(torch.zeros(1, 3), torch.zeros(1, 3), None, "SS", 0.5, 1.0)
+    assert emulated.launches == before, "csd_ext's CPU ops still reach the emulated kernels after the module"
 
 
 def test_the_suite_reaches_the_emulated_kernels(gpu):
