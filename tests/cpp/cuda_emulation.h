@@ -101,7 +101,8 @@ T warp_tree(T* v, Op op) {
 // ulp for exp2f, which is this instruction), subnormal results flushed to 0.
 inline float ex2_approx_model(float a) {
   float y = std::exp2(a);
-  if (!(y >= FLT_MIN) || std::isinf(y)) return std::isnan(y) ? y : (y >= FLT_MIN ? y : 0.0f);
+  if (std::isnan(y) || std::isinf(y)) return y;
+  if (y < FLT_MIN) return 0.0f;  // ftz
   uint32_t abits, ybits;
   std::memcpy(&abits, &a, sizeof abits);
   std::memcpy(&ybits, &y, sizeof ybits);

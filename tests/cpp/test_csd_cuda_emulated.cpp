@@ -41,6 +41,7 @@ using Half = _Float16;
 constexpr int kSms = 132;  // an H200's multiprocessor count: decides when rows are split
 constexpr double kEps32 = 1.1920928955078125e-07;
 const double kInf = std::numeric_limits<double>::infinity();
+const float kInf32 = std::numeric_limits<float>::infinity();
 
 template <typename T> const char* name_of();
 template <> const char* name_of<float>() { return "fp32"; }
@@ -493,6 +494,30 @@ TEST_CASE(exact_variants_match_the_general_variant) {
       }
     }
   }
+}
+
+// Under the emulation, exp_fast is ex2.approx.ftz's worst case rather than
+// exp2f: within 2 ulp of exp2f of the same argument (and not equal to it
+// everywhere), subnormal results flushed to 0, infinities and NaN kept.
+TEST_CASE(exp_fast_models_ex2_approx) {
+  int moved = 0, count = 0;
+  for (float x = -80.0f; x < 80.0f; x += 0.01337f, ++count) {
+    const float got = csd::exp_fast(x), want = std::exp2(x * 1.4426950408889634f);
+    uint32_t g, w;
+    std::memcpy(&g, &got, sizeof g);
+    std::memcpy(&w, &want, sizeof w);
+    const int64_t ulps = int64_t(g) - int64_t(w);
+    if (!(ulps >= -2 && ulps <= 2)) {
+      check::fail(__FILE__, __LINE__, "exp_fast(" + std::to_string(x) + ") is " + std::to_string(ulps) + " ulp off");
+      return;
+    }
+    moved += got != want;
+  }
+  CHECK(moved > count / 2);
+  CHECK(csd::exp_fast(-100.0f) == 0.0f);  // 2^-144.3: subnormal, flushed as ex2.approx.ftz does
+  CHECK(csd::exp_fast(-kInf32) == 0.0f);
+  CHECK(std::isinf(csd::exp_fast(kInf32)));
+  CHECK(std::isnan(csd::exp_fast(std::numeric_limits<float>::quiet_NaN())));
 }
 
 int main() { return check::run_all(); }
