@@ -448,7 +448,10 @@ def densify(sparse, vocab_size):
     out = torch.full((*sparse.ids.shape[:-1], vocab_size), float("-inf"), dtype=torch.float32,
                      device=sparse.ids.device)
     valid = sparse.ids >= 0
-    out.scatter_(-1, sparse.ids.clamp(min=0), torch.where(valid, sparse.values.float(), float("-inf")))
+    # Padding (-1) writes nothing (a scatter of -inf to a clamped id could overwrite a real entry).
+    rows = torch.arange(out[..., 0].numel(), device=out.device).reshape(out.shape[:-1])
+    out.view(-1, vocab_size)[rows.unsqueeze(-1).expand(sparse.ids.shape)[valid], sparse.ids[valid]] = \
+        sparse.values.float()[valid]
     # Rows with nothing cached are ignored by the loss; keep them finite so no loss sees NaN.
     return torch.where(sparse.cached.unsqueeze(-1), out, torch.zeros((), device=out.device))
 
