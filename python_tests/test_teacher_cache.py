@@ -199,3 +199,27 @@ def test_cli_cache_resume_after_sigkill_and_train_from_it(tmp_path):
     status, out = run_inprocess(cli_args({**paths, "train": other["train"]}, str(tmp_path / "run2"),
                                          teacher_cache=x, max_steps=1))
     assert status == 2 and "does not match this run: the data differs (data_sha256.train" in out, out[-2000:]
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_write_their_own_shards(tmp_path):
+    """Two processes under torchrun: each writes its own shards, rank 0 the index; the cached rows
+    are those of a one-process cache."""
+    paths = make_tiny_setup(str(tmp_path / "tiny"), n_train=16, n_eval=4, dropout=0.0)
+    common = cli_args(paths, str(tmp_path / "unused"))
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    status, out = run_inprocess(["cache-teacher", *common, "--output", one, "--shard-examples", "4"])
+    assert status == 0, out[-3000:]
+    rc, out = finish(launch(["cache-teacher", *common, "--output", two, "--shard-examples", "4"], cwd=str(tmp_path),
+                            nproc=2))
+    assert rc == 0, out[-3000:]
+    index = json.load(open(os.path.join(two, "index.json")))
+    assert index["world_size"] == 2 and {s["rank"] for s in index["shards"].values()} == {0, 1}
+    assert all(name.startswith(f"shard-r{s['rank']:03d}-") for name, s in index["shards"].items())
+    a, b = open_teacher_cache(one), open_teacher_cache(two)
+    assert set(a._where) == set(b._where)
+    for key in a._where:  # batch composition differs between the runs: equal up to fp32 rounding
+        pa, va, _ = a.rows_by_key(key)
+        pb, vb, _ = b.rows_by_key(key)
+        assert torch.equal(pa, pb)
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5)

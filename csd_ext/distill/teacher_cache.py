@@ -235,20 +235,14 @@ def write_teacher_cache(out_dir, teacher, items, *, fingerprint, top_k=0, dtype=
     index_path = os.path.join(out_dir, INDEX)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(index_path):
-            old = _read_json(index_path)
-            diff = _settings_mismatch(old, header)
-            if diff is not None:
-                raise TeacherCacheError(f"{out_dir} holds a cache made with {diff[0]}={diff[1]!r}; this run has "
-                                        f"{diff[0]}={diff[2]!r}. Use another --output, or delete it to start over")
-        else:
+        if not os.path.exists(index_path):
             atomic_write_json(index_path, {**header, "complete": False})
     _barrier()
-    old = _read_json(index_path)
-    diff = _settings_mismatch(old, header)
-    if diff is not None:  # ranks > 0 see rank 0's verdict here
+    # Every rank compares (and raises) together: none is left waiting at a barrier.
+    diff = _settings_mismatch(_read_json(index_path), header)
+    if diff is not None:
         raise TeacherCacheError(f"{out_dir} holds a cache made with {diff[0]}={diff[1]!r}; this run has "
-                                f"{diff[0]}={diff[2]!r}")
+                                f"{diff[0]}={diff[2]!r}. Use another --output, or delete it to start over")
 
     mine = seqs[rank::world]
     n_shards = (len(mine) + shard_examples - 1) // shard_examples
@@ -386,6 +380,10 @@ class TeacherCache:
         if key not in self._where:
             raise TeacherCacheError(f"teacher cache {self.path} holds no entry for a sequence of "
                                     f"{len(input_ids)} tokens: was it written for this data?")
+        return self.rows_by_key(key)
+
+    def rows_by_key(self, key):
+        """:meth:`rows` of the sequence whose :func:`sequence_key` is ``key``."""
         name, e = self._where[key]
         f = self._open(name)
         offsets = f.get_slice("offsets")[e:e + 2]
