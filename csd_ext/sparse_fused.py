@@ -128,7 +128,8 @@ def fused_linear_sparse_csd(
     Memory: ``[N, K]`` saved gradients plus one chunk's ``[chunk, K, H]`` gather (and, in the
     backward, a ``[V, H]`` fp32 weight gradient), never ``[N, V]``.  Work: ``2 N K H`` for the
     logits and ``4 N K H`` in the backward, against ``6 N V H`` for the unfused path.
-    Plain autograd.Function (not a torch.library op): under torch.compile it runs eagerly.
+    A plain autograd.Function (not a torch.library op): usable inside torch.compile'd code, but
+    not made for ``fullgraph=True``.
     """
     vocab = check_linear("student", student_hidden, student_weight, student_bias)
     check_sparse_teacher(student_hidden.shape[:-1], student_hidden.device, teacher_ids, teacher_values,
