@@ -223,3 +223,27 @@ def test_torchrun_ranks_write_their_own_shards(tmp_path):
         pb, vb, _ = b.rows_by_key(key)
         assert torch.equal(pa, pb)
         torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5)
+
+
+def test_vocabulary_is_sliced_to_the_tokenizer_or_refused(setup, tmp_path):
+    """A student head wider than the cached teacher's: both sliced to the tokenizer's vocabulary.
+    A cache whose vocabulary the student cannot share is refused, naming the vocabulary."""
+    import shutil
+
+    from csd_ext.distill.models import ModelError
+    from csd_ext.distill.teacher_cache import load_student_and_cache
+
+    wide = save_model(tmp_path / "wide", "gpt2", setup["tokenizer"], extra_vocab=8, seed=3)
+    cfg = dataclasses.replace(setup["cfg"], student=wide, teacher_cache=setup["caches"][6], teacher=None)
+    cached, student, tokenizer, vocab = load_student_and_cache(cfg, "no", log=lambda m: None)
+    assert vocab == len(tokenizer) == cached.cache.vocab_size
+    batch = Collator(tokenizer.pad_token_id)(setup["train"][:3])
+    loss, parts = distill_loss(student, cached, batch, get_loss("csd"), 1.0, vocab)
+    assert torch.isfinite(loss) and loss > 0
+    bad = str(tmp_path / "bad")
+    shutil.copytree(setup["caches"][6], bad)
+    index = json.load(open(os.path.join(bad, "index.json")))
+    index["vocab_size"] = len(tokenizer) - 1
+    json.dump(index, open(os.path.join(bad, "index.json"), "w"))
+    with pytest.raises(ModelError, match="the vocabulary differs"):
+        load_student_and_cache(dataclasses.replace(cfg, teacher_cache=bad), "no", log=lambda m: None)
