@@ -7,9 +7,10 @@
    CSD student distilled from the live teacher (the reference row);
 2. for each k: ``csd-distill cache-teacher --top-k k`` from that teacher (k = 0: full logits), then
    a student from the same initialisation, same steps and learning rate, trained with
-   ``--teacher-cache`` (top-k: ``sparse_csd_loss`` on the k cached ids);
-3. one table: greedy exact match and agreement with the teacher on the held-out prompts, and
-   validation CE (the references' next-token cross-entropy, a full-vocabulary measure).
+   ``--teacher-cache`` (top-k: ``sparse_csd_loss`` on the k cached ids), for each ``--kd-ratios``
+   value (objective (1 - r) CE + r KD);
+3. one table: greedy ROUGE-L and exact match on the held-out prompts, and validation CE (the
+   references' next-token cross-entropy, a full-vocabulary measure).
 
 Everything runs on the CPU with the tiny preset's settings (plus any ``--set``); nothing is
 downloaded.  The k = 0 row checks the cache itself: it must match the live-teacher row up to
@@ -41,6 +42,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out-dir", default="runs/topk")
     p.add_argument("--ks", default="0,1,4,16,64")
+    p.add_argument("--kd-ratios", default="1.0", help="objective (1 - r) CE + r KD for the cached-teacher runs")
     p.add_argument("--set", action="append", default=[], help="extra --set for the tiny preset")
     p.add_argument("--md", help="write the Markdown table here")
     a = p.parse_args()
@@ -63,19 +65,25 @@ def main():
                 "--eval-data", data["eval"], "--max-steps", str(cfg.tiny.student_steps),
                 "--lr", str(cfg.tiny.student_lr), "--eval-max-examples", str(cfg.tiny.n_eval),
                 "--no-eval-teacher"]
-    rows = [("teacher", "-", teacher_row), ("CSD, live teacher", "V", live_row)]
-    for k in [int(x) for x in a.ks.split(",")]:
-        cache = os.path.join(a.out_dir, f"cache-k{k}")
-        _run(["cache-teacher", *common, "--teacher", data["teacher"], "--train-data", data["train"],
-              "--eval-data", data["eval"], "--output", cache, "--top-k", str(k)])
-        out = os.path.join(a.out_dir, f"student-k{k}")
-        _run([*common, *run_args, "--teacher-cache", cache, "--output-dir", out])
-        rows.append((f"CSD, cache top-{k}" if k else "CSD, full cache", str(k) if k else "V", _student_row(out)))
+    rows = [("teacher (SFT)", "-", "-", teacher_row), (f"CSD, live teacher", "V", cfg.kd_ratio, live_row)]
+    for ratio in [float(x) for x in a.kd_ratios.split(",")]:
+        for k in [int(x) for x in a.ks.split(",")]:
+            cache = os.path.join(a.out_dir, f"cache-k{k}")
+            if not os.path.exists(os.path.join(cache, "index.json")) or \
+                    not json.load(open(os.path.join(cache, "index.json"))).get("complete"):
+                _run(["cache-teacher", *common, "--teacher", data["teacher"], "--train-data", data["train"],
+                      "--eval-data", data["eval"], "--output", cache, "--top-k", str(k)])
+            out = os.path.join(a.out_dir, f"student-k{k}" + ("" if ratio == 1 else f"-kd{ratio:g}"))
+            if not os.path.exists(os.path.join(out, "results.json")):  # reruns reuse finished runs
+                _run([*common, *run_args, "--teacher-cache", cache, "--output-dir", out, "--kd-ratio", str(ratio)])
+            rows.append((f"CSD, cache top-{k}" if k else "CSD, full cache", str(k) if k else "V", ratio,
+                         _student_row(out)))
     vocab = json.load(open(os.path.join(a.out_dir, f"cache-k{a.ks.split(',')[0]}", "index.json")))["vocab_size"]
-    lines = [f"| model | k | greedy exact match % | agrees w/ teacher % | val CE |", "|---|---:|---:|---:|---:|"]
-    for name, k, r in rows:
-        lines.append(f"| {name} | {k} | {r.get('greedy_exact_match', float('nan')):.1f} | "
-                     f"{r.get('teacher_agreement', float('nan')):.1f} | {r.get('val_ce', float('nan')):.3f} |")
+    lines = ["| model | k | kd_ratio | greedy ROUGE-L | greedy exact match % | val CE |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, k, ratio, r in rows:
+        lines.append(f"| {name} | {k} | {ratio} | {r.get('greedy_rougeL', float('nan')):.2f} | "
+                     f"{r.get('greedy_exact_match', float('nan')):.1f} | {r.get('val_ce', float('nan')):.3f} |")
     notes = [f"V = {vocab}; tiny preset, {cfg.tiny.n_eval} held-out prompts, greedy decoding; one seed "
              f"({cfg.seed}); settings: {' '.join(a.set) or 'the preset as shipped'}; whole run "
              f"{time.time() - start:.0f} s on a shared 2-core CPU"]
