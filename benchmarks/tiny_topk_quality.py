@@ -65,7 +65,7 @@ def main():
                 "--eval-data", data["eval"], "--max-steps", str(cfg.tiny.student_steps),
                 "--lr", str(cfg.tiny.student_lr), "--eval-max-examples", str(cfg.tiny.n_eval),
                 "--no-eval-teacher"]
-    rows = [("teacher (SFT)", "-", "-", teacher_row), (f"CSD, live teacher", "V", cfg.kd_ratio, live_row)]
+    rows = [("teacher (SFT)", "-", "-", teacher_row), ("CSD, live teacher", "V", cfg.kd_ratio, live_row)]
     for ratio in [float(x) for x in a.kd_ratios.split(",")]:
         for k in [int(x) for x in a.ks.split(",")]:
             cache = os.path.join(a.out_dir, f"cache-k{k}")
