@@ -55,6 +55,7 @@ class DistillConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated names
+    lora_adapter: typing.Optional[str] = None  # a peft adapter to start the student's LoRA from (trained on)
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"            # auto | no | fp16 | bf16 (auto: bf16/fp16 on GPU, no on CPU)
     teacher_dtype: str = "auto"              # auto | fp32 | fp16 | bf16 (auto: the mixed-precision type)
@@ -64,7 +65,9 @@ class DistillConfig:
     train_data: typing.Optional[str] = None
     eval_data: typing.Optional[str] = None
     eval_holdout: int = 500                  # without eval_data: first N training lines held out
-    prompt_template: str = "minillm"         # minillm | compact (no preamble) | chat (the tokenizer's)
+    max_train_examples: int = 0              # use only the first N training records (0: all; GSM8K: gsm_1k)
+    prompt_template: str = "minillm"         # minillm | compact (no preamble) | qa | chat (the tokenizer's)
+    eval_prompt_template: typing.Optional[str] = None  # generation prompts in evaluation (default: prompt_template)
     max_length: int = 512                    # tokens the model sees per example
     max_prompt_length: int = 256             # longer prompts are dropped, as in MiniLLM
 
@@ -100,6 +103,10 @@ class DistillConfig:
     max_new_tokens: int = 256
     no_repeat_ngram_size: int = 6
     answer_format: str = "text"              # text | gsm8k (compare the number after '####')
+    stop_strings: list = field(default_factory=list)  # generation also stops at these (GSM8K: ["\n\n"])
+    best_checkpoint: bool = False            # dev ROUGE-L every epoch; keep the best in output_dir/best
+    dev_seeds: list = field(default_factory=lambda: [10])  # sampling seeds of the per-epoch dev evaluation
+    dev_max_examples: int = 500              # dev prompts generated per epoch
 
     # --- on-policy distillation (ImitKD with a replay buffer; docs/training.md)
     student_gen_ratio: float = 0.0           # per micro-batch: probability that the student samples responses
@@ -124,7 +131,8 @@ CHOICES = {
     "pipeline": ("distill", "tiny"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
     "teacher_dtype": ("auto", "fp32", "fp16", "bf16"),
-    "prompt_template": ("minillm", "compact", "chat"),
+    "prompt_template": ("minillm", "compact", "qa", "chat"),
+    "eval_prompt_template": ("minillm", "compact", "qa", "chat"),
     "lr_scheduler": ("cosine", "linear", "constant"),
     "answer_format": ("text", "gsm8k"),
 }
@@ -139,6 +147,8 @@ NON_NEGATIVE = {"threads", "lora_r", "lora_dropout", "eval_holdout", "min_lr", "
 CHOICES.update({"token_mean": ("global", "per_rank"), "teacher_sharding": ("replicate", "shard")})
 POSITIVE |= {"replay_buffer_size", "gen_temperature", "gen_max_new_tokens"}
 NON_NEGATIVE |= {"gen_top_k", "lm_coef", "save_total_limit"}
+POSITIVE |= {"dev_max_examples"}
+NON_NEGATIVE |= {"max_train_examples"}
 
 
 class ConfigError(ValueError):
