@@ -49,6 +49,7 @@ EXAMPLES = """examples:
   accelerate launch -m csd_ext.distill --preset ...   # or torchrun --nproc_per_node K -m csd_ext.distill
   csd-distill ... --student-gen-ratio 1 --lm-data owt.jsonl   # on-policy (ImitKD) with an LM loss
   csd-distill ... --save-every 500 --resume                   # continue a killed run
+  csd-distill evaluate --model DIR --eval-data dolly.jsonl,selfinst.jsonl --eval-seeds 10,20,30   # evaluation only
 """
 
 
@@ -132,6 +133,11 @@ def parse_config(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["evaluate"]:  # csd-distill evaluate --model DIR --eval-data A.jsonl,B.jsonl
+        from .evaluate_cli import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     try:
         args, cfg = parse_config(argv)
         if cfg is None:

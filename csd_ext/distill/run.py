@@ -98,8 +98,16 @@ def run_distill(cfg):
     models = []
     if got["teacher"] is not None and cfg.eval_teacher:
         models.append(("teacher", got["teacher"], {}))
-    models.append((f"student ({cfg.loss})", got["student"],
-                   {k: result[k] for k in ("val_ce", "train_seconds") if k in result}))
+    student, label = got["student"], f"student ({cfg.loss})"
+    if result.get("best_dir"):  # the paper reports the checkpoint with the best dev ROUGE-L
+        from .models import load_causal_lm
+
+        student = load_causal_lm(result["best_dir"], dtype=next(student.parameters()).dtype).to(
+            next(student.parameters()).device)
+        label += f" best@step{result['best']['step']}"
+        info(f"evaluating the best dev checkpoint: step {result['best']['step']}, dev ROUGE-L "
+             f"{result['best']['dev_rougeL']:.2f} ({result['best_dir']})")
+    models.append((label, student, {k: result[k] for k in ("val_ce", "train_seconds") if k in result}))
     # Every rank generates its share of the prompts (evaluate.evaluate_model); rank 0 reports.
     rows, _ = evaluate_all(cfg, models, got["tokenizer"], got["eval_items"], out, got["mixed_precision"],
                            teacher_name="teacher")
