@@ -38,6 +38,7 @@ HELP = {
     "teacher_sharding": "replicate the teacher on every process, or shard it across them (FSDP2)",
     "resume": "continue from the newest valid checkpoint in --output-dir",
     "save_every": "write a resumable checkpoint every N optimiser steps (0: none)",
+    "teacher_cache": "train from the teacher logits `csd-distill cache-teacher` wrote there; the teacher is not loaded",
 }
 
 EXAMPLES = """examples:
@@ -50,6 +51,8 @@ EXAMPLES = """examples:
   csd-distill ... --student-gen-ratio 1 --lm-data owt.jsonl   # on-policy (ImitKD) with an LM loss
   csd-distill ... --save-every 500 --resume                   # continue a killed run
   csd-distill evaluate --model DIR --eval-data dolly.jsonl,selfinst.jsonl --eval-seeds 10,20,30   # evaluation only
+  csd-distill cache-teacher --teacher T --train-data d.jsonl --output cache --top-k 0   # teacher logits to disk
+  csd-distill --student S --train-data d.jsonl --teacher-cache cache                   # train without the teacher
 """
 
 
@@ -75,9 +78,9 @@ def _parse_value(raw, base, optional):
     return raw
 
 
-def build_parser():
+def build_parser(prog="csd-distill"):
     parser = argparse.ArgumentParser(
-        prog="csd-distill", description="Distil a causal LM into a smaller one with Concrete Score Distillation "
+        prog=prog, description="Distil a causal LM into a smaller one with Concrete Score Distillation "
         "(or a baseline loss), then evaluate and report.", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", help=f"a preset ({', '.join(preset_names())}) or a YAML file")
@@ -105,8 +108,11 @@ def build_parser():
     return parser
 
 
-def parse_config(argv=None):
-    parser = build_parser()
+def parse_config(argv=None, extend_parser=None, prog="csd-distill", fill=None):
+    """(args, config); ``extend_parser`` adds a subcommand's own flags, ``fill`` config keys not given."""
+    parser = build_parser(prog)
+    if extend_parser is not None:
+        extend_parser(parser)
     args = parser.parse_args(argv)
     if args.list_presets or args.list_losses:
         return args, None
@@ -118,6 +124,8 @@ def parse_config(argv=None):
             if isinstance(value, str):
                 value = _parse_value(value, *_base_type(hints[f.name]))
             overrides[f.name] = value
+    for key, value in (fill or {}).items():
+        overrides.setdefault(key, value)
     loss_args = {}
     for item in args.loss_arg:
         if "=" not in item:
@@ -133,12 +141,19 @@ def parse_config(argv=None):
 
 
 def main(argv=None):
+    from .teacher_cache import TeacherCacheError
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["evaluate"]:  # csd-distill evaluate --model DIR --eval-data A.jsonl,B.jsonl
         from .evaluate_cli import main as evaluate_main
 
         return evaluate_main(argv[1:])
     try:
+        if argv[:1] == ["cache-teacher"]:  # csd-distill cache-teacher ... (cache_teacher.py)
+            from .cache_teacher import main as cache_main
+
+            cache_main(argv[1:])
+            return 0
         args, cfg = parse_config(argv)
         if cfg is None:
             if args.list_presets:
@@ -154,7 +169,7 @@ def main(argv=None):
         else:
             from .run import run_distill
             run_distill(cfg)
-    except (ConfigError, DataError, ModelError, CheckpointError) as exc:
+    except (ConfigError, DataError, ModelError, CheckpointError, TeacherCacheError) as exc:
         print(f"csd-distill: error: {exc}", file=sys.stderr)
         return 2
     finally:

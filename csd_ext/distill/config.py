@@ -60,6 +60,7 @@ class DistillConfig:
     mixed_precision: str = "auto"            # auto | no | fp16 | bf16 (auto: bf16/fp16 on GPU, no on CPU)
     teacher_dtype: str = "auto"              # auto | fp32 | fp16 | bf16 (auto: the mixed-precision type)
     trust_remote_code: bool = False
+    teacher_cache: typing.Optional[str] = None  # train from `csd-distill cache-teacher` output; no teacher loaded
 
     # --- data (Dolly JSONL: instruction, context, response)
     train_data: typing.Optional[str] = None
@@ -262,7 +263,7 @@ def check_consistency(cfg):
                           f"({cfg.max_length}), or no response token would fit")
     if cfg.pipeline == "distill":
         missing = [k for k in ("student", "train_data") if getattr(cfg, k) is None]
-        if cfg.kd_ratio > 0 and cfg.teacher is None:
+        if cfg.kd_ratio > 0 and cfg.teacher is None and cfg.teacher_cache is None:
             missing.insert(0, "teacher")
         if missing:
             raise ConfigError(
@@ -271,6 +272,9 @@ def check_consistency(cfg):
             )
     if not 0.0 <= cfg.student_gen_ratio <= 1.0:
         raise ConfigError(f"student_gen_ratio must be in [0, 1], got {cfg.student_gen_ratio}")
+    if cfg.teacher_cache and cfg.student_gen_ratio > 0:
+        raise ConfigError("teacher_cache holds the teacher's logits on the training data only; on-policy "
+                          "sampling (student_gen_ratio > 0) needs the live teacher")
     if not 0.0 < cfg.gen_top_p <= 1.0:
         raise ConfigError(f"gen_top_p must be in (0, 1], got {cfg.gen_top_p}")
     from ..losses import get_loss  # noqa: PLC0415  (checks the loss name and its arguments now)

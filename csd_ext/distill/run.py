@@ -55,9 +55,16 @@ def generation_items(cfg, tokenizer, eval_items):
 def train_from_config(cfg, run_name):
     """Load what ``cfg`` names, train, and return everything evaluation needs."""
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
-    teacher, student, tokenizer = load_pair(cfg, mixed_precision, log=info)
-    vocab = shared_vocab(teacher, student, tokenizer, log=info)
-    train_items, eval_items = load_data(cfg, tokenizer)
+    if cfg.teacher_cache and cfg.kd_ratio > 0:  # the teacher's logits come from disk (teacher_cache.py)
+        from .teacher_cache import load_student_and_cache
+
+        teacher, student, tokenizer, vocab = load_student_and_cache(cfg, mixed_precision, log=info)
+        train_items, eval_items = load_data(cfg, tokenizer)
+        teacher.check_items(train_items + eval_items)
+    else:
+        teacher, student, tokenizer = load_pair(cfg, mixed_precision, log=info)
+        vocab = shared_vocab(teacher, student, tokenizer, log=info)
+        train_items, eval_items = load_data(cfg, tokenizer)
     lm_items = None
     if cfg.lm_data:
         from .lm_data import load_lm_data
@@ -96,7 +103,7 @@ def run_distill(cfg):
     got = train_from_config(cfg, run_name="student")
     result = got["result"]
     models = []
-    if got["teacher"] is not None and cfg.eval_teacher:
+    if got["teacher"] is not None and cfg.eval_teacher and not cfg.teacher_cache:
         models.append(("teacher", got["teacher"], {}))
     student, label = got["student"], f"student ({cfg.loss})"
     if result.get("best_dir"):  # the paper reports the checkpoint with the best dev ROUGE-L

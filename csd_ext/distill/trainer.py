@@ -74,7 +74,11 @@ def distill_loss(student, teacher, batch, kd_fn, kd_ratio, vocab=None, denominat
             ce = token_cross_entropy(logits.detach(), labels) * scale
         loss = None
     parts["ce"] = ce.detach()
-    if kd_ratio > 0:
+    if kd_ratio > 0 and getattr(teacher, "is_teacher_cache", False):  # --teacher-cache (teacher_cache.py)
+        kd = teacher.kd_loss(kd_fn, logits, batch, vocab) * scale
+        parts["kd"] = kd.detach()
+        loss = kd_ratio * kd if loss is None else loss + kd_ratio * kd
+    elif kd_ratio > 0:
         with torch.no_grad():
             teacher_logits = teacher(**model_inputs(batch), use_cache=False).logits
         if vocab is not None:
