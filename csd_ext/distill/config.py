@@ -18,25 +18,34 @@ import yaml
 
 @dataclass
 class TinyConfig:
-    """The embedded CPU demo (``--preset tiny``): data, tokenizer and model sizes."""
+    """The embedded CPU demo (``--preset tiny``): data, tokenizer, model sizes and the contest.
 
-    n_train: int = 4000               # synthetic training examples
-    n_eval: int = 96                  # held-out examples (never seen in training)
+    See csd_ext/distill/tiny/pipeline.py and docs/training.md ("The tiny demo")."""
+
+    n_train: int = 4000               # synthetic training examples (SFT of the teacher, distillation)
+    n_pretrain: int = 4000            # plain-text documents the student is pretrained on (no template)
+    n_dev: int = 64                   # dev prompts: the learning rate of each loss is chosen on them
+    n_eval: int = 96                  # test prompts (never seen in training, never used to choose anything)
     tasks: list = field(default_factory=lambda: ["copy", "reverse", "sort", "lookup"])
     vocab_size: int = 512             # byte-level BPE vocabulary, trained on the data
     n_positions: int = 128
-    teacher_layers: int = 4
-    teacher_dim: int = 256
+    teacher_layers: int = 3
+    teacher_dim: int = 128
     teacher_heads: int = 4
     student_layers: int = 2
-    student_dim: int = 128
+    student_dim: int = 64
     student_heads: int = 2
-    teacher_steps: int = 300          # SFT optimiser steps for the teacher
-    teacher_lr: float = 1e-3
-    student_steps: int = 200          # distillation steps for each student
-    student_lr: float = 1e-3
-    baselines: list = field(default_factory=lambda: ["fkl"])  # losses compared with CSD
-    threads: int = 0                  # torch CPU threads; 0 = as many as the other processes leave free
+    teacher_steps: int = 500          # SFT optimiser steps for the teacher
+    teacher_lr: float = 2e-3
+    pretrain_steps: int = 300         # LM pretraining steps of the student (the GPT-2 analogue)
+    pretrain_lr: float = 2e-3
+    student_steps: int = 150          # distillation steps of each student run
+    lr_grid: list = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])  # per loss, chosen on the dev split
+    seeds: list = field(default_factory=lambda: [1, 2, 3])              # training seeds of every contestant
+    contestants: list = field(default_factory=list)  # [{name, loss, loss_args}]; empty: tiny.yaml's
+    random_start: str = "SS-CSD t=1"  # one extra row: this contestant from a random initialisation ("": none)
+    workers: int = 0                  # parallel student processes (1 thread each); 0 = the machine's cores
+    cache_dir: str = "~/.cache/csd_ext/tiny"  # teacher, pretrained student and teacher logits, keyed by config
 
 
 @dataclass
@@ -140,8 +149,8 @@ CHOICES = {
 POSITIVE = {"max_length", "max_prompt_length", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens",
             "log_every", "lr", "n_train", "n_eval", "vocab_size", "n_positions", "teacher_layers", "teacher_dim",
             "teacher_heads", "student_layers", "student_dim", "student_heads", "teacher_steps", "student_steps",
-            "teacher_lr", "student_lr"}
-NON_NEGATIVE = {"threads", "lora_r", "lora_dropout", "eval_holdout", "min_lr", "warmup_ratio", "weight_decay", "max_grad_norm",
+            "teacher_lr", "pretrain_steps", "pretrain_lr", "n_dev", "n_pretrain"}
+NON_NEGATIVE = {"workers", "lora_r", "lora_dropout", "eval_holdout", "min_lr", "warmup_ratio", "weight_decay", "max_grad_norm",
                 "epochs", "max_steps", "eval_every", "save_every", "eval_max_examples", "no_repeat_ngram_size",
                 "adam_eps"}
 # On-policy, multi-process and checkpoint settings (issue 7).
