@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from csd_ext.distill import main
-from csd_ext.distill.config import build_config
+from csd_ext.distill.config import ConfigError, build_config
 from csd_ext.distill.data import Collator, encode_dataset
 from csd_ext.distill.teacher_cache import CachedTeacher, open_teacher_cache, write_teacher_cache
 from csd_ext.distill.tiny import stages
+from csd_ext.distill.tiny.pipeline import run_tiny
 from csd_ext.distill.tiny.tasks import make_dataset
 from csd_ext.distill.tiny.tokenizer import train_bpe
 from csd_ext.distill.trainer import distill_loss
@@ -59,6 +60,15 @@ def test_stage_keys_follow_the_config():
     assert cfg.tiny.seeds and len(cfg.tiny.seeds) >= 3 and len(cfg.tiny.lr_grid) >= 2
     names = [c["name"] for c in cfg.tiny.contestants]
     assert names == ["FKL", "SS-CSD t=1", "SS-CSD t=1.5", "TS-CSD", "SRKL"] and "RKL" not in names
+    full = build_config("tiny", full=True)
+    assert len(full.tiny.seeds) == 5 and full.tiny.student_steps > cfg.tiny.student_steps
+    assert full.output_dir != cfg.output_dir and full.tiny.contestants == cfg.tiny.contestants
+    with pytest.raises(ConfigError, match="--full and --smoke"):
+        build_config("tiny", full=True, smoke=True)
+    with pytest.raises(ConfigError, match="random_start names no contestant"):
+        run_tiny(build_config("tiny", set_args=["tiny.random_start=XYZ"]))
+    with pytest.raises(ConfigError, match=r"tiny.contestants\[0\]"):
+        run_tiny(build_config("tiny", set_args=["tiny.contestants=[{loss: nope}]"]))
 
 
 def test_tiny_smoke_run_end_to_end_and_cached_rerun(tmp_path, capsys):

@@ -86,6 +86,7 @@ def build_parser(prog="csd-distill"):
     parser.add_argument("--preset", help=f"a preset ({', '.join(preset_names())}) or a YAML file")
     parser.add_argument("--config", help="a YAML file of config keys, applied over the preset")
     parser.add_argument("--smoke", action="store_true", help="a very short run (the preset's smoke: section)")
+    parser.add_argument("--full", action="store_true", help="a longer, stronger run (the preset's full: section)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="set any config key, including tiny.* (YAML value), e.g. --set tiny.teacher_steps=50")
     parser.add_argument("--loss-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -135,7 +136,7 @@ def parse_config(argv=None, extend_parser=None, prog="csd-distill", fill=None):
     preset = args.preset
     if preset is None and not any(k in overrides for k in ("teacher", "student")) and not args.config:
         raise ConfigError("nothing to run: pass --preset (try --preset tiny), or --teacher/--student/--train-data")
-    cfg = build_config(preset=preset, config_file=args.config, smoke=args.smoke, overrides=overrides,
+    cfg = build_config(preset=preset, config_file=args.config, smoke=args.smoke, full=args.full, overrides=overrides,
                        set_args=args.set, loss_args=loss_args)
     return args, cfg
 

@@ -256,8 +256,8 @@ def apply_updates(cfg, updates, source):
                     raise ConfigError(f"unknown key tiny.{k} ({source}); known: {', '.join(tiny_types)}")
                 setattr(cfg.tiny, k, _coerce(f"tiny.{k}", v, tiny_types[k], source))
             continue
-        if key == "smoke":
-            continue  # applied only with --smoke, by build_config
+        if key in ("smoke", "full"):
+            continue  # applied only with --smoke / --full, by build_config
         if key not in types:
             raise ConfigError(f"unknown config key {key!r} ({source}); known keys: {', '.join(types)}")
         setattr(cfg, key, _coerce(key, value, types[key], source))
@@ -294,7 +294,8 @@ def check_consistency(cfg):
     return cfg
 
 
-def build_config(preset=None, config_file=None, smoke=False, overrides=None, set_args=None, loss_args=None):
+def build_config(preset=None, config_file=None, smoke=False, overrides=None, set_args=None, loss_args=None,
+                 full=False):
     """Assemble a checked DistillConfig.  ``overrides``: {key: value} from CLI flags;
     ``set_args``: ["key=value", "tiny.key=value"] from ``--set``; ``loss_args``:
     {name: value} merged over the configured loss's hyper-parameters."""
@@ -312,6 +313,15 @@ def build_config(preset=None, config_file=None, smoke=False, overrides=None, set
         for data, _ in layers:
             smoke_updates.update(data.get("smoke") or {})
         apply_updates(cfg, smoke_updates or DEFAULT_SMOKE, "smoke settings")
+    if full:  # a preset's longer, stronger variant (tiny: the demo at a larger scale)
+        if smoke:
+            raise ConfigError("--full and --smoke contradict each other: pass one")
+        full_updates = {}
+        for data, _ in layers:
+            full_updates.update(data.get("full") or {})
+        if not full_updates:
+            raise ConfigError(f"--full: preset {preset!r} has no full: section")
+        apply_updates(cfg, full_updates, "full settings")
     if overrides:
         apply_updates(cfg, overrides, "command line")
     for item in set_args or ():
