@@ -101,6 +101,11 @@ def run_tiny(cfg):
     hf_logging.disable_progress_bar()
     wall0, cpu0 = time.time(), time.process_time()
     t, out = cfg.tiny, cfg.output_dir
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ..config import ConfigError
+
+        raise ConfigError("the tiny demo runs its students in parallel processes itself (tiny.workers): "
+                          "start it without torchrun/accelerate launch")
     contestants = check_contestants(t.contestants)
     if t.random_start and t.random_start not in [c["name"] for c in contestants]:
         from ..config import ConfigError
@@ -229,6 +234,8 @@ def run_tiny(cfg):
     summary = summarise(cfg, teacher_row, finals, grid, chosen, identity, starts)
     summary["timing"] = {"wall_s": wall, "student_runs_cpu_s": cpu_workers, "parent_cpu_s": cpu_parent,
                          "prep_cpu_s": prep_cpu, "teacher_cached": teacher_hit, "student_cached": pre_hit,
+                         "teacher_cpu_s": stages.stage_cpu_seconds(teacher_dir),
+                         "pretrain_cpu_s": stages.stage_cpu_seconds(pre_dir),
                          "workers": workers, "load_average_at_end": os.getloadavg()[0]}
     table = write_report(out, summary)
     print("\n" + table, flush=True)

@@ -138,7 +138,10 @@ def notes(summary):
                    f"the student runs {timing['student_runs_cpu_s']:.0f} s; teacher "
                    f"{'from the cache' if timing['teacher_cached'] else 'trained now'}, pretrained student "
                    f"{'from the cache' if timing['student_cached'] else 'trained now'}; load average at the end "
-                   f"{timing['load_average_at_end']:.1f}")
+                   f"{timing['load_average_at_end']:.1f}"
+                   + (f"; when trained, the teacher took {timing['teacher_cpu_s']:.0f} CPU s and the pretrained "
+                      f"student {timing['pretrain_cpu_s']:.0f}" if timing.get("teacher_cpu_s") and
+                      timing.get("pretrain_cpu_s") else ""))
     return out
 
 

@@ -150,7 +150,10 @@ def trained_model(cache_dir, kind, settings, config, items, steps, sched, *, see
     final = cache_path(cache_dir, kind, settings)
     if os.path.isfile(os.path.join(final, "model.safetensors")):
         return final, True
+    import time
+
     torch.set_num_threads(1)
+    cpu0 = time.process_time()
     model = new_gpt2(config, seed)
     records = train_loop(model, items, steps, sched, seed=seed, pad_token_id=tokenizer.pad_token_id,
                          loss_fn=ce_loss, log_every=max(1, steps // 10))
@@ -158,11 +161,22 @@ def trained_model(cache_dir, kind, settings, config, items, steps, sched, *, see
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "stage.json"), "w") as f:
-        json.dump({"kind": kind, "settings": settings, "records": records}, f, indent=1)
+        json.dump({"kind": kind, "settings": settings, "records": records, "cpu_s": time.process_time() - cpu0},
+                  f, indent=1)
     publish(tmp, final)
     assert isinstance(GPT2LMHeadModel.from_pretrained(final), GPT2LMHeadModel)
-    log(f"{kind}: {steps} steps, final training CE {records[-1]['ce']:.3f}; cached in {final}")
+    log(f"{kind}: {steps} steps in {time.process_time() - cpu0:.0f} CPU s, final training CE "
+        f"{records[-1]['ce']:.3f}; cached in {final}")
     return final, False
+
+
+def stage_cpu_seconds(stage_dir):
+    """CPU seconds the stage took when it was trained (None for caches written before this was recorded)."""
+    try:
+        with open(os.path.join(stage_dir, "stage.json")) as f:
+            return json.load(f).get("cpu_s")
+    except (OSError, ValueError):
+        return None
 
 
 def response_rows_metrics(student_logits, teacher_logits, labels):
