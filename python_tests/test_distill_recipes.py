@@ -115,3 +115,35 @@ def test_generation_stops_at_stop_strings():
     stop = free[len(free) // 2: len(free) // 2 + 2]
     cut = generate(model, tok, [prompt], do_sample=False, max_new_tokens=8, stop_strings=[stop])[0]
     assert cut == free[: free.find(stop)].strip()
+
+
+def test_imitkd_student_continues_its_sft_lora_adapter(tmp_path):
+    """openllama-7b-to-3b starts from the student's Dolly SFT adapter (lora_adapter) and trains it on."""
+    import dataclasses
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from csd_ext.distill.models import load_pair
+    from distill_helpers import save_model, write_dolly
+
+    tok = make_tokenizer()
+    t_dir = save_model(tmp_path / "t", "llama", tok, size="teacher", seed=1)
+    s_dir = save_model(tmp_path / "s", "llama", tok, seed=2)
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(s_dir),
+                         LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    for n, p in sft.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)  # a trained adapter, not peft's zero start
+    sft.save_pretrained(tmp_path / "adapter")
+    cfg = build_config("openllama-7b-to-3b", overrides={"train_data": write_dolly(tmp_path / "d.jsonl")})
+    cfg = dataclasses.replace(cfg, teacher=t_dir, student=s_dir, lora_adapter=str(tmp_path / "adapter"),
+                              mixed_precision="no", teacher_dtype="fp32", gradient_checkpointing=False)
+    _, student, _ = load_pair(cfg, "no", log=lambda m: None)
+    trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable} == {"q_proj", "v_proj"}
+    saved = dict(sft.named_parameters())
+    assert set(trainable) == {n for n in saved if "lora_" in n}
+    for n, p in trainable.items():
+        torch.testing.assert_close(p, saved[n])  # the SFT adapter's weights, not a fresh LoRA
