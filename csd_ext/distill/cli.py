@@ -42,7 +42,7 @@ HELP = {
 }
 
 EXAMPLES = """examples:
-  csd-distill --preset tiny                       # CPU demo, ~3 min, nothing downloaded
+  csd-distill --preset tiny                       # CPU demo, ~4 min on 2 cores, nothing downloaded
   csd-distill --preset tiny --smoke               # seconds; for CI
   csd-distill --preset gpt2-xl-to-gpt2 --teacher path/to/gpt2-xl-sft --train-data dolly.jsonl
   csd-distill --preset gemma-7b-it-to-2b-it --train-data gsm8k_train.jsonl --eval-data gsm8k_test.jsonl
