@@ -136,8 +136,8 @@ def parse_config(argv=None, extend_parser=None, prog="csd-distill", fill=None):
     preset = args.preset
     if preset is None and not any(k in overrides for k in ("teacher", "student")) and not args.config:
         raise ConfigError("nothing to run: pass --preset (try --preset tiny), or --teacher/--student/--train-data")
-    cfg = build_config(preset=preset, config_file=args.config, smoke=args.smoke, full=args.full, overrides=overrides,
-                       set_args=args.set, loss_args=loss_args)
+    cfg = build_config(preset=preset, config_file=args.config, smoke=args.smoke, full=args.full,
+                       overrides=overrides, set_args=args.set, loss_args=loss_args)
     return args, cfg
 
 

@@ -1,6 +1,7 @@
 """``csd-distill evaluate``: evaluation only, several models x several test sets x several seeds, one table.
 
-    csd-distill evaluate --model runs/gpt2-xl-to-gpt2/best --eval-data dolly.jsonl,selfinst.jsonl,vicuna.jsonl,sni.jsonl,unni.jsonl
+    csd-distill evaluate --model runs/gpt2-xl-to-gpt2/best \
+        --eval-data dolly.jsonl,selfinst.jsonl,vicuna.jsonl,sni.jsonl,unni.jsonl
     csd-distill evaluate --model A --model B --eval-data x.jsonl --preset gpt2-xl-to-gpt2 --eval-seeds 10,20,30,40,50
 
 Generation settings (template, seeds, new tokens, n-gram blocking, stop
