@@ -88,6 +88,8 @@ def test_tiny_smoke_run_end_to_end_and_cached_rerun(tmp_path, capsys):
     assert first["rkl_identity"]["relative"] < 1e-5
     assert len(first["grid"]) == 6 * 2 and first["verdict"]
     assert not first["timing"]["teacher_cached"] and not first["timing"]["student_cached"]
+    where = json.loads((tmp_path / "a" / "stages.json").read_text())
+    assert (tmp_path / "a" / "data" / "test.jsonl").exists() and str(cache) in where["teacher"]
     # Second run: teacher, pretrained student and logits come from the cache; the same numbers.
     assert main(argv + ["--output-dir", str(tmp_path / "b")]) == 0
     second = json.loads((tmp_path / "b" / "results.json").read_text())

@@ -187,6 +187,10 @@ def run_tiny(cfg):
                             teacher_name=teacher_dir, batch_size=64, shard_examples=4096, progress=False, log=info)
         stages.publish(tmp, logits_dir)
     open_teacher_cache(logits_dir, fingerprint)  # hash-verified, and made for exactly this data
+    # Where every stage lives, for tools that build on the demo (e.g. benchmarks/tiny_topk_quality.py).
+    with open(os.path.join(out, "stages.json"), "w") as f:
+        json.dump({"teacher": teacher_dir, "student_pretrained": pre_dir, "student_random": random_dir,
+                   "teacher_logits": logits_dir, "tokenizer": tok_dir, "data": paths}, f, indent=1)
     students.CONTEXT.update(logit_cache=logits_dir, train_items=train_items, dev_items=dev_items,
                             test_items=test_items, dev_records=dev_records, test_records=test_records,
                             init={"pretrained": pre_dir, "random": random_dir})
