@@ -5,7 +5,8 @@ repo_root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo_root"
 # shellcheck disable=SC1091
 . scripts/setup_env.sh
-# The tiny embedded default: synthetic data, a BPE tokenizer, a tiny GPT-2
-# teacher trained by SFT, and students distilled from it with CSD and with a
-# forward-KL baseline; prints the results table.  Nothing is downloaded.
+# The tiny embedded default: synthetic data, a BPE tokenizer, a GPT-2 teacher
+# trained by SFT and a pretrained student (both cached), cached teacher logits,
+# and FKL / SS-CSD / TS-CSD / SRKL students from the same start over 3 seeds;
+# prints the results table.  Nothing is downloaded.
 csd-distill --preset tiny "$@"

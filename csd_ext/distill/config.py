@@ -18,25 +18,34 @@ import yaml
 
 @dataclass
 class TinyConfig:
-    """The embedded CPU demo (``--preset tiny``): data, tokenizer and model sizes."""
+    """The embedded CPU demo (``--preset tiny``): data, tokenizer, model sizes and the contest.
 
-    n_train: int = 4000               # synthetic training examples
-    n_eval: int = 96                  # held-out examples (never seen in training)
+    See csd_ext/distill/tiny/pipeline.py and docs/training.md ("The tiny demo")."""
+
+    n_train: int = 4000               # synthetic training examples (SFT of the teacher, distillation)
+    n_pretrain: int = 4000            # plain-text documents the student is pretrained on (no template)
+    n_dev: int = 64                   # dev prompts: the learning rate of each loss is chosen on them
+    n_eval: int = 96                  # test prompts (never seen in training, never used to choose anything)
     tasks: list = field(default_factory=lambda: ["copy", "reverse", "sort", "lookup"])
     vocab_size: int = 512             # byte-level BPE vocabulary, trained on the data
     n_positions: int = 128
-    teacher_layers: int = 4
-    teacher_dim: int = 256
+    teacher_layers: int = 3
+    teacher_dim: int = 128
     teacher_heads: int = 4
     student_layers: int = 2
-    student_dim: int = 128
+    student_dim: int = 64
     student_heads: int = 2
-    teacher_steps: int = 300          # SFT optimiser steps for the teacher
-    teacher_lr: float = 1e-3
-    student_steps: int = 200          # distillation steps for each student
-    student_lr: float = 1e-3
-    baselines: list = field(default_factory=lambda: ["fkl"])  # losses compared with CSD
-    threads: int = 0                  # torch CPU threads; 0 = as many as the other processes leave free
+    teacher_steps: int = 500          # SFT optimiser steps for the teacher
+    teacher_lr: float = 2e-3
+    pretrain_steps: int = 300         # LM pretraining steps of the student (the GPT-2 analogue)
+    pretrain_lr: float = 2e-3
+    student_steps: int = 150          # distillation steps of each student run
+    lr_grid: list = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])  # per loss, chosen on the dev split
+    seeds: list = field(default_factory=lambda: [1, 2, 3])              # training seeds of every contestant
+    contestants: list = field(default_factory=list)  # [{name, loss, loss_args}]; empty: tiny.yaml's
+    random_start: str = "SS-CSD t=1"  # one extra row: this contestant from a random initialisation ("": none)
+    workers: int = 0                  # parallel student processes (1 thread each); 0 = the machine's cores
+    cache_dir: str = "~/.cache/csd_ext/tiny"  # teacher, pretrained student and teacher logits, keyed by config
 
 
 @dataclass
@@ -55,6 +64,7 @@ class DistillConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"  # peft target_modules: "all-linear" or comma-separated names
+    lora_adapter: typing.Optional[str] = None  # a peft adapter to start the student's LoRA from (trained on)
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"            # auto | no | fp16 | bf16 (auto: bf16/fp16 on GPU, no on CPU)
     teacher_dtype: str = "auto"              # auto | fp32 | fp16 | bf16 (auto: the mixed-precision type)
@@ -65,7 +75,9 @@ class DistillConfig:
     train_data: typing.Optional[str] = None
     eval_data: typing.Optional[str] = None
     eval_holdout: int = 500                  # without eval_data: first N training lines held out
-    prompt_template: str = "minillm"         # minillm | compact (no preamble) | chat (the tokenizer's)
+    max_train_examples: int = 0              # use only the first N training records (0: all; GSM8K: gsm_1k)
+    prompt_template: str = "minillm"         # minillm | compact (no preamble) | qa | chat (the tokenizer's)
+    eval_prompt_template: typing.Optional[str] = None  # generation prompts in evaluation (default: prompt_template)
     max_length: int = 512                    # tokens the model sees per example
     max_prompt_length: int = 256             # longer prompts are dropped, as in MiniLLM
 
@@ -101,6 +113,10 @@ class DistillConfig:
     max_new_tokens: int = 256
     no_repeat_ngram_size: int = 6
     answer_format: str = "text"              # text | gsm8k (compare the number after '####')
+    stop_strings: list = field(default_factory=list)  # generation also stops at these (GSM8K: ["\n\n"])
+    best_checkpoint: bool = False            # dev ROUGE-L every epoch; keep the best in output_dir/best
+    dev_seeds: list = field(default_factory=lambda: [10])  # sampling seeds of the per-epoch dev evaluation
+    dev_max_examples: int = 500              # dev prompts generated per epoch
 
     # --- on-policy distillation (ImitKD with a replay buffer; docs/training.md)
     student_gen_ratio: float = 0.0           # per micro-batch: probability that the student samples responses
@@ -125,21 +141,24 @@ CHOICES = {
     "pipeline": ("distill", "tiny"),
     "mixed_precision": ("auto", "no", "fp16", "bf16"),
     "teacher_dtype": ("auto", "fp32", "fp16", "bf16"),
-    "prompt_template": ("minillm", "compact", "chat"),
+    "prompt_template": ("minillm", "compact", "qa", "chat"),
+    "eval_prompt_template": ("minillm", "compact", "qa", "chat"),
     "lr_scheduler": ("cosine", "linear", "constant"),
     "answer_format": ("text", "gsm8k"),
 }
 POSITIVE = {"max_length", "max_prompt_length", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens",
             "log_every", "lr", "n_train", "n_eval", "vocab_size", "n_positions", "teacher_layers", "teacher_dim",
             "teacher_heads", "student_layers", "student_dim", "student_heads", "teacher_steps", "student_steps",
-            "teacher_lr", "student_lr"}
-NON_NEGATIVE = {"threads", "lora_r", "lora_dropout", "eval_holdout", "min_lr", "warmup_ratio", "weight_decay", "max_grad_norm",
+            "teacher_lr", "pretrain_steps", "pretrain_lr", "n_dev", "n_pretrain"}
+NON_NEGATIVE = {"workers", "lora_r", "lora_dropout", "eval_holdout", "min_lr", "warmup_ratio", "weight_decay", "max_grad_norm",
                 "epochs", "max_steps", "eval_every", "save_every", "eval_max_examples", "no_repeat_ngram_size",
                 "adam_eps"}
 # On-policy, multi-process and checkpoint settings (issue 7).
 CHOICES.update({"token_mean": ("global", "per_rank"), "teacher_sharding": ("replicate", "shard")})
 POSITIVE |= {"replay_buffer_size", "gen_temperature", "gen_max_new_tokens"}
 NON_NEGATIVE |= {"gen_top_k", "lm_coef", "save_total_limit"}
+POSITIVE |= {"dev_max_examples"}
+NON_NEGATIVE |= {"max_train_examples"}
 
 
 class ConfigError(ValueError):
@@ -237,8 +256,8 @@ def apply_updates(cfg, updates, source):
                     raise ConfigError(f"unknown key tiny.{k} ({source}); known: {', '.join(tiny_types)}")
                 setattr(cfg.tiny, k, _coerce(f"tiny.{k}", v, tiny_types[k], source))
             continue
-        if key == "smoke":
-            continue  # applied only with --smoke, by build_config
+        if key in ("smoke", "full"):
+            continue  # applied only with --smoke / --full, by build_config
         if key not in types:
             raise ConfigError(f"unknown config key {key!r} ({source}); known keys: {', '.join(types)}")
         setattr(cfg, key, _coerce(key, value, types[key], source))
@@ -275,7 +294,8 @@ def check_consistency(cfg):
     return cfg
 
 
-def build_config(preset=None, config_file=None, smoke=False, overrides=None, set_args=None, loss_args=None):
+def build_config(preset=None, config_file=None, smoke=False, overrides=None, set_args=None, loss_args=None,
+                 full=False):
     """Assemble a checked DistillConfig.  ``overrides``: {key: value} from CLI flags;
     ``set_args``: ["key=value", "tiny.key=value"] from ``--set``; ``loss_args``:
     {name: value} merged over the configured loss's hyper-parameters."""
@@ -293,6 +313,15 @@ def build_config(preset=None, config_file=None, smoke=False, overrides=None, set
         for data, _ in layers:
             smoke_updates.update(data.get("smoke") or {})
         apply_updates(cfg, smoke_updates or DEFAULT_SMOKE, "smoke settings")
+    if full:  # a preset's longer, stronger variant (tiny: the demo at a larger scale)
+        if smoke:
+            raise ConfigError("--full and --smoke contradict each other: pass one")
+        full_updates = {}
+        for data, _ in layers:
+            full_updates.update(data.get("full") or {})
+        if not full_updates:
+            raise ConfigError(f"--full: preset {preset!r} has no full: section")
+        apply_updates(cfg, full_updates, "full settings")
     if overrides:
         apply_updates(cfg, overrides, "command line")
     for item in set_args or ():

@@ -38,6 +38,9 @@ PROMPT_NO_INPUT = (
 COMPACT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
 COMPACT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
+# The CSD paper's GSM8K evaluation prompt (task-specific runs).
+QA_PROMPT = "Q: {question}\n\nA:"
+
 # Dolly's field names; MiniLLM's converted files use input/output for context/response.
 FIELD_ALIASES = {"context": ("context", "input"), "response": ("response", "output")}
 
@@ -100,13 +103,16 @@ def build_prompt(example, template="minillm", tokenizer=None):
         if example["context"]:
             return with_input.format(instruction=example["instruction"], context=example["context"])
         return no_input.format(instruction=example["instruction"])
+    if template == "qa":
+        question = example["instruction"] + (f"\n{example['context']}" if example["context"] else "")
+        return QA_PROMPT.format(question=question)
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise DataError("prompt_template 'chat' needs a tokenizer with a chat template")
         content = example["instruction"] + (f"\n\n{example['context']}" if example["context"] else "")
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-    raise DataError(f"prompt_template must be 'minillm', 'compact' or 'chat', got {template!r}")
+    raise DataError(f"prompt_template must be 'minillm', 'compact', 'qa' or 'chat', got {template!r}")
 
 
 def special_prefix(tokenizer, template="minillm"):
@@ -120,7 +126,7 @@ def special_prefix(tokenizer, template="minillm"):
     return [tokenizer.bos_token_id] if ids and ids[0] == tokenizer.bos_token_id else []
 
 
-def encode_example(tokenizer, prompt, response, *, max_length, max_prompt_length, prefix=()):
+def encode_example(tokenizer, prompt, response, *, max_length, max_prompt_length, prefix=(), append_eos=True):
     """Token ids and labels of one example, or None when it must be dropped.
 
     Dropped (as in MiniLLM): prompts longer than ``max_prompt_length`` tokens,
@@ -136,7 +142,8 @@ def encode_example(tokenizer, prompt, response, *, max_length, max_prompt_length
     full = list(prefix) + tokenizer.encode(prompt + response, add_special_tokens=False)
     if full[: len(prompt_ids)] != prompt_ids:
         full = prompt_ids + tokenizer.encode(response, add_special_tokens=False)
-    full = (full + [tokenizer.eos_token_id])[: max_length + 1]
+    # A chat turn ends with its own end token (written into ``response``), not eos.
+    full = (full + ([tokenizer.eos_token_id] if append_eos else []))[: max_length + 1]
     input_ids = full[:-1]
     labels = full[1:]
     n_prompt_labels = len(prompt_ids) - 1  # label i predicts token i+1: prompt tokens 1..P-1
@@ -151,11 +158,18 @@ def encode_dataset(tokenizer, examples, *, template, max_length, max_prompt_leng
     if not examples:
         raise DataError(f"{what} is empty: nothing to train or evaluate on")
     prefix = special_prefix(tokenizer, template)
+    # A chat template covers the whole turn: the response ends with the template's end of
+    # turn (Gemma: <end_of_turn>), which then replaces eos.
+    turn_end = ""
+    if template == "chat":
+        from .stops import chat_turn_end
+
+        turn_end = chat_turn_end(tokenizer)
     kept, dropped = [], 0
     for ex in examples:
         prompt = build_prompt(ex, template, tokenizer)
-        enc = encode_example(tokenizer, prompt, ex["response"], max_length=max_length,
-                             max_prompt_length=max_prompt_length, prefix=prefix)
+        enc = encode_example(tokenizer, prompt, ex["response"] + turn_end, max_length=max_length,
+                             max_prompt_length=max_prompt_length, prefix=prefix, append_eos=not turn_end)
         if enc is None:
             dropped += 1
             continue

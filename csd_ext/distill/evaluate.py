@@ -23,20 +23,25 @@ def _autocast(device, mixed_precision):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids, *, do_sample, seed=None, max_new_tokens=256, batch_size=16,
-             no_repeat_ngram_size=0, mixed_precision="no", synced_gpus=False):
-    """Decode a response for every prompt (token id lists); returns strings cut at eos.
+             no_repeat_ngram_size=0, mixed_precision="no", synced_gpus=False, stop_strings=()):
+    """Decode a response for every prompt (token id lists); returns strings cut at the first stop.
 
     Prompts are batched by length with left padding (so each row continues at
     the end); sampling uses temperature 1, top-p 1 and no top-k, the paper's
-    setting, seeded once per call.
+    setting, seeded once per call.  Generation stops at every id of
+    ``stops.stop_token_ids`` (the tokenizer's eos and the model's
+    generation_config list: a chat model's end of turn) and at any of
+    ``stop_strings``; the text is cut before the stop.
     """
     from transformers import GenerationConfig, set_seed
+
+    from .stops import cut_at_stop_ids, cut_at_stop_strings, stop_token_ids
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id)
+    stop_ids = stop_token_ids(model, tokenizer)
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids)
     if no_repeat_ngram_size:
         kwargs["no_repeat_ngram_size"] = no_repeat_ngram_size
     if do_sample:
@@ -53,26 +58,45 @@ def generate(model, tokenizer, prompt_ids, *, do_sample, seed=None, max_new_toke
         input_ids, attention_mask = left_padded_prompts([prompt_ids[i] for i in idx], tokenizer.pad_token_id)
         with _autocast(device, mixed_precision):
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 generation_config=gen_config, synced_gpus=synced_gpus)
+                                 generation_config=gen_config, synced_gpus=synced_gpus,
+                                 **stop_string_criteria(tokenizer, input_ids.shape[1], stop_strings))
         for row, i in enumerate(idx):
-            new = out[row, input_ids.shape[1]:].tolist()
-            if tokenizer.eos_token_id in new:
-                new = new[: new.index(tokenizer.eos_token_id)]
-            outputs[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+            new = cut_at_stop_ids(out[row, input_ids.shape[1]:].tolist(), stop_ids)
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            outputs[i] = cut_at_stop_strings(text, stop_strings).strip()
     model.train(was_training)
     return outputs
+
+
+def stop_string_criteria(tokenizer, prompt_width, stop_strings):
+    """generate() kwargs that end a row once its generated text contains a stop string.
+
+    Only the generated text is searched (transformers' own ``stop_strings``
+    also matches across the end of the prompt, so a prompt ending in ``"\n"``
+    would stop a ``"\n\n"`` row after one newline).
+    """
+    if not stop_strings:
+        return {}
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _StopStrings(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, prompt_width:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stop_strings) for t in texts], device=input_ids.device)
+
+    return {"stopping_criteria": StoppingCriteriaList([_StopStrings()])}
 
 
 _SCORER = None
 
 
 def rouge_l(predictions, references):
-    """Mean ROUGE-L F1 (x100) with rouge-score's default tokenisation."""
+    """Mean ROUGE-L F1 (x100), rouge-score with Porter stemming (MiniLLM/DistiLLM's setting)."""
     global _SCORER
     if _SCORER is None:
         from rouge_score import rouge_scorer
 
-        _SCORER = rouge_scorer.RougeScorer(["rougeL"])
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = [_SCORER.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
     return 100.0 * sum(scores) / max(len(scores), 1)
 
@@ -84,8 +108,14 @@ def normalise_text(s):
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def gsm8k_answer(text):
-    """The number after '####' (GSM8K's answer line), else the last number in the text."""
+def gsm8k_answer(text, strict=False):
+    """The number after '####' (GSM8K's answer line), else (``strict=False``) the last number.
+
+    The paper counts a prediction only when it has a '####' line: model
+    outputs are read with ``strict=True``.
+    """
+    if strict and "####" not in text:
+        return None
     tail = text.split("####")[-1] if "####" in text else text
     found = _NUMBER.findall(tail)
     if not found:
@@ -98,7 +128,7 @@ def gsm8k_answer(text):
 
 def is_correct(prediction, reference, answer_format="text"):
     if answer_format == "gsm8k":
-        want, got = gsm8k_answer(reference), gsm8k_answer(prediction)
+        want, got = gsm8k_answer(reference), gsm8k_answer(prediction, strict=True)
         return want is not None and got is not None and abs(want - got) < 1e-6
     return normalise_text(prediction) == normalise_text(reference)
 
@@ -136,7 +166,8 @@ def evaluate_model(model, tokenizer, items, cfg, *, name, out_dir=None, teacher_
     prompts = [it["prompt_ids"] for it in items]
     refs = [it["reference"] for it in items]
     common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-                  no_repeat_ngram_size=cfg.no_repeat_ngram_size, mixed_precision=mixed_precision)
+                  no_repeat_ngram_size=cfg.no_repeat_ngram_size, mixed_precision=mixed_precision,
+                  stop_strings=tuple(cfg.stop_strings))
     result = {"name": name, "n_prompts": len(items)}
     generations = {}
     per_seed = []

@@ -135,7 +135,7 @@ def load_pair(cfg, mixed_precision, log=print):
     # Trainable weights stay fp32 (autocast does the bf16/fp16 math); with LoRA the
     # frozen base can live in the half type.
     student_dtype = torch.float32
-    if cfg.lora_r > 0 and mixed_precision != "no":
+    if (cfg.lora_r > 0 or cfg.lora_adapter) and mixed_precision != "no":
         student_dtype = DTYPES[mixed_precision]
     student = load_causal_lm(cfg.student, dtype=student_dtype, trust_remote_code=cfg.trust_remote_code)
     log(f"{'student' if cfg.kd_ratio > 0 else 'model to fine-tune'} {cfg.student}: "
@@ -143,7 +143,13 @@ def load_pair(cfg, mixed_precision, log=print):
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
         student.config.use_cache = False
-    if cfg.lora_r > 0:
+    if cfg.lora_adapter:
+        # ImitKD starts from the student's SFT: its LoRA adapter is loaded and trained further.
+        from peft import PeftModel
+
+        student = PeftModel.from_pretrained(student, cfg.lora_adapter, is_trainable=True)
+        log(f"LoRA adapter {cfg.lora_adapter} loaded on the student; it trains on")
+    elif cfg.lora_r > 0:
         student = apply_lora(student, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                              target_modules=cfg.lora_target_modules, log=log)
     return teacher, student, tokenizer

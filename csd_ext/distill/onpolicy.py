@@ -38,9 +38,11 @@ def generated_example(prompt_ids, generated_ids, *, eos_token_id, max_length):
     is dropped).  At most ``max_length`` input tokens, like the dataset's
     examples.  None when nothing of the response fits.
     """
-    gen = list(generated_ids)
-    if eos_token_id in gen:
-        gen = gen[: gen.index(eos_token_id) + 1]
+    from .stops import cut_at_stop_ids
+
+    # eos_token_id: one id or a list (the model's generation_config stop ids).
+    stops = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    gen = cut_at_stop_ids(generated_ids, stops, keep_stop=True)
     prompt = list(prompt_ids)
     full = (prompt + gen)[: max_length + 1]
     n_prompt = len(prompt)
@@ -58,6 +60,7 @@ def sample_responses(model, tokenizer, prompt_ids, *, temperature=1.0, top_p=1.0
     from transformers import GenerationConfig
 
     from .evaluate import _autocast
+    from .stops import stop_token_ids
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -65,7 +68,7 @@ def sample_responses(model, tokenizer, prompt_ids, *, temperature=1.0, top_p=1.0
     input_ids, attention_mask = left_padded_prompts(prompt_ids, tokenizer.pad_token_id)
     config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
                               max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id)
+                              eos_token_id=stop_token_ids(model, tokenizer))
     try:
         with _autocast(device, mixed_precision):
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
@@ -104,7 +107,10 @@ class OnPolicy:
                                top_p=self.cfg.gen_top_p, top_k=self.cfg.gen_top_k,
                                max_new_tokens=max(1, min(self.cfg.gen_max_new_tokens, room)),
                                synced_gpus=self.synced_gpus, mixed_precision=self.mixed_precision)
-        made = [generated_example(p, g, eos_token_id=self.tokenizer.eos_token_id, max_length=self.cfg.max_length)
+        from .stops import stop_token_ids
+
+        stops = stop_token_ids(model, self.tokenizer)
+        made = [generated_example(p, g, eos_token_id=stops, max_length=self.cfg.max_length)
                 for p, g in zip(prompts, new)]
         made = [m for m in made if m is not None]
         self.buffer.push(made)

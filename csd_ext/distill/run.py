@@ -29,12 +29,27 @@ def load_data(cfg, tokenizer):
         raw_eval = load_dolly_jsonl(cfg.eval_data)
     else:
         raw_train, raw_eval = split_holdout(raw_train, cfg.eval_holdout)
+    if cfg.max_train_examples:
+        raw_train = raw_train[: cfg.max_train_examples]
     common = dict(template=cfg.prompt_template, max_length=cfg.max_length,
                   max_prompt_length=cfg.max_prompt_length, log=info)
     train_items = encode_dataset(tokenizer, raw_train, what=f"training data {cfg.train_data}", **common)
     eval_items = encode_dataset(tokenizer, raw_eval, what=f"evaluation data {cfg.eval_data or '(held out)'}",
                                 **common)
     return train_items, eval_items
+
+
+def generation_items(cfg, tokenizer, eval_items):
+    """Evaluation prompts for generation: ``eval_items`` unless ``eval_prompt_template`` differs
+    from the training template (the paper's GSM8K prompt ``Q: ...\n\nA:``), then re-encoded."""
+    template = cfg.eval_prompt_template or cfg.prompt_template
+    if template == cfg.prompt_template:
+        return eval_items
+    raw = load_dolly_jsonl(cfg.eval_data) if cfg.eval_data else split_holdout(
+        load_dolly_jsonl(cfg.train_data), cfg.eval_holdout)[1]
+    return encode_dataset(tokenizer, raw, template=template, max_length=cfg.max_length,
+                          max_prompt_length=cfg.max_prompt_length, log=info,
+                          what=f"evaluation prompts ({template} template)")
 
 
 def train_from_config(cfg, run_name):
@@ -59,7 +74,7 @@ def train_from_config(cfg, run_name):
     result = train(cfg, student, teacher, tokenizer, train_items, eval_items, cfg.output_dir,
                    vocab=vocab, run_name=run_name, lm_items=lm_items)
     return {"result": result, "teacher": teacher, "student": result["model"], "tokenizer": tokenizer,
-            "eval_items": eval_items, "mixed_precision": mixed_precision}
+            "eval_items": generation_items(cfg, tokenizer, eval_items), "mixed_precision": mixed_precision}
 
 
 def evaluate_all(cfg, models, tokenizer, eval_items, out_dir, mixed_precision, teacher_name=None):
@@ -90,8 +105,16 @@ def run_distill(cfg):
     models = []
     if got["teacher"] is not None and cfg.eval_teacher and not cfg.teacher_cache:
         models.append(("teacher", got["teacher"], {}))
-    models.append((f"student ({cfg.loss})", got["student"],
-                   {k: result[k] for k in ("val_ce", "train_seconds") if k in result}))
+    student, label = got["student"], f"student ({cfg.loss})"
+    if result.get("best_dir"):  # the paper reports the checkpoint with the best dev ROUGE-L
+        from .models import load_causal_lm
+
+        student = load_causal_lm(result["best_dir"], dtype=next(student.parameters()).dtype).to(
+            next(student.parameters()).device)
+        label += f" best@step{result['best']['step']}"
+        info(f"evaluating the best dev checkpoint: step {result['best']['step']}, dev ROUGE-L "
+             f"{result['best']['dev_rougeL']:.2f} ({result['best_dir']})")
+    models.append((label, student, {k: result[k] for k in ("val_ce", "train_seconds") if k in result}))
     # Every rank generates its share of the prompts (evaluate.evaluate_model); rank 0 reports.
     rows, _ = evaluate_all(cfg, models, got["tokenizer"], got["eval_items"], out, got["mixed_precision"],
                            teacher_name="teacher")

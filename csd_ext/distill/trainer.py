@@ -233,6 +233,12 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
         "seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
         "train_examples": len(train_items), "lm_examples": len(lm_items or ())})
     step, window = 0, _new_window()
+    best = None
+    if cfg.best_checkpoint:  # dev ROUGE-L every epoch, the best kept in out_dir/best (best_checkpoint.py)
+        from .best_checkpoint import BestCheckpoint
+
+        best = BestCheckpoint(cfg, tokenizer, val_items, out_dir, accelerator, mixed_precision=mixed_precision,
+                              log=lambda m: info(m, main_process=main))
     if cfg.resume:
         state = ckpt.resume()
         if state is not None:
@@ -247,6 +253,8 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
                 raise CheckpointError(f"cannot resume from {ckpt.resumed_from}: {exc}") from None
             if main:
                 truncate_metrics(log.path, run_name, step)
+            if best is not None:
+                best.restore(stream.epoch_progress)
     elif cfg.save_every:
         ckpt.check_fresh_start()
 
@@ -331,6 +339,10 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
             window_start = time.time()
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
             log.write(step=step, **validate(accelerator, student, teacher, val_batches, kd_fn, cfg.kd_ratio, vocab))
+        if best is not None:
+            record = best.maybe_evaluate(student, step, stream.epoch_progress, step == total)
+            if record is not None:
+                log.write(**record)
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             ckpt.save(step, trainer_state())
         inject_fault("after-step", step)
@@ -344,6 +356,8 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
          ", ".join(f"{k} {v:.4f}" for k, v in final_val.items()) + f"; saved {final_dir}", main_process=main)
     summary = {"run": run_name, "steps": step, "train_seconds": seconds, "final_dir": final_dir,
                "model": accelerator.unwrap_model(student), **final_val}
+    if best is not None and best.best is not None:
+        summary.update(best_dir=best.dir, best=dict(best.best))
     if onpolicy is not None:
         summary["onpolicy"] = dict(onpolicy.stats, buffer=len(onpolicy.buffer))
     return summary
