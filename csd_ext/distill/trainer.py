@@ -179,6 +179,7 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
     """
     from accelerate.utils import set_seed
 
+    from .accumulation import accumulate_step, configure_deepspeed
     from .checkpoint import CheckpointError, CheckpointManager, inject_fault, truncate_metrics
     from .distributed import (
         EvalShards,
@@ -188,14 +189,13 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
         make_accelerator,
         place_teacher,
         reduce_mean,
-        sync_context,
         to_device,
-        token_denominator,
     )
     from .onpolicy import OnPolicy
 
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
-    accelerator = make_accelerator(mixed_precision)
+    accelerator = make_accelerator(mixed_precision, cfg.grad_accum)
+    configure_deepspeed(accelerator, cfg)
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.seed)
@@ -270,33 +270,38 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
     window_start = time.time()
     bar = tqdm(total=total, initial=step, desc=run_name, disable=not main, dynamic_ncols=True, leave=True)
     while step < total:
-        for micro in range(cfg.grad_accum):
-            last = micro == cfg.grad_accum - 1
+        # Every micro-batch of the step first: the token mean is over all of them (accumulation.py).
+        micro_items = []
+        for _ in range(cfg.grad_accum):
             items = stream.next()
             if onpolicy is not None:
                 items, generated = onpolicy.training_items(items, accelerator.unwrap_model(student))
                 window["generated"] += int(generated)
-            batch = to_device(collate(items), accelerator.device)
-            denominator = token_denominator(batch["labels"], accelerator, cfg.token_mean)
-            with sync_context(accelerator, student, last and lm_stream is None):
-                loss, parts = distill_loss(student, teacher, batch, kd_fn, cfg.kd_ratio, vocab, denominator)
-                accelerator.backward(loss / cfg.grad_accum)
+            micro_items.append(items)
+        batches = [to_device(collate(items), accelerator.device) for items in micro_items]
+        lm_batches = ([to_device(collate(lm_stream.next()), accelerator.device) for _ in range(cfg.grad_accum)]
+                      if lm_stream is not None else None)
+
+        def kd_loss(batch, denominator):
+            return distill_loss(student, teacher, batch, kd_fn, cfg.kd_ratio, vocab, denominator)
+
+        def lm_loss(lm_batch, lm_denominator):
+            lm_logits = student(**model_inputs(lm_batch), use_cache=False).logits
+            if vocab is not None:
+                lm_logits = lm_logits[..., :vocab]
+            lm_tokens = (lm_batch["labels"] != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
+            return token_cross_entropy(lm_logits, lm_batch["labels"]) * (lm_tokens / lm_denominator)
+
+        for loss, parts, lm in accumulate_step(accelerator, student, batches, kd_loss, lm_batches=lm_batches,
+                                               lm_fn=lm_loss, lm_coef=cfg.lm_coef, token_mean=cfg.token_mean):
+            # Each value is (micro-batch token sum) / (window count / accumulation steps): their mean
+            # over the window's micro-batches is the window's token mean.
             window["loss"] += loss.item()
             window["ce"] += parts["ce"].item()
             window["kd"] += parts.get("kd", torch.zeros(())).item()
             window["tokens"] += int(parts["tokens"])
             window["micro"] += 1
-            if lm_stream is not None:
-                # A separate forward/backward: DDP allows one forward per backward.
-                lm_batch = to_device(collate(lm_stream.next()), accelerator.device)
-                lm_denominator = token_denominator(lm_batch["labels"], accelerator, cfg.token_mean)
-                with sync_context(accelerator, student, last):
-                    lm_logits = student(**model_inputs(lm_batch), use_cache=False).logits
-                    if vocab is not None:
-                        lm_logits = lm_logits[..., :vocab]
-                    lm_tokens = (lm_batch["labels"] != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
-                    lm = token_cross_entropy(lm_logits, lm_batch["labels"]) * (lm_tokens / lm_denominator)
-                    accelerator.backward(cfg.lm_coef * lm / cfg.grad_accum)
+            if lm is not None:
                 window["lm"] += lm.item()
                 window["loss"] += cfg.lm_coef * lm.item()
         grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf"))
