@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover  (older TRL)
     from trl import GKDConfig, GKDTrainer
 
 from ..loss import csd_loss  # noqa: E402
-from .transformers import check_csd_kwargs  # noqa: E402
+from ._options import check_csd_kwargs  # noqa: E402
 
 __all__ = ["CSDGKDTrainer", "GKDConfig"]
 
