@@ -36,7 +36,7 @@ from torch.utils.data import DistributedSampler
 from .data import IGNORE_INDEX
 
 
-def make_accelerator(mixed_precision, grad_accum=1):
+def make_accelerator(mixed_precision, grad_accum=1, **kwargs):
     from accelerate import Accelerator
 
     # accelerate counts the micro-batches (accumulation.py): it syncs gradients on the last
@@ -44,7 +44,7 @@ def make_accelerator(mixed_precision, grad_accum=1):
     # cpu=True would make accelerate ignore a DeepSpeed config; DeepSpeed runs on CPU itself.
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available() and not deepspeed,
-                       gradient_accumulation_steps=grad_accum)
+                       gradient_accumulation_steps=grad_accum, **kwargs)
 
 
 class ShardedBatchStream:

@@ -121,13 +121,15 @@ def total_optimizer_steps(cfg, batches_per_epoch):
 
 
 @torch.no_grad()
-def validate(accelerator, student, teacher, loader, kd_fn, kd_ratio, vocab):
-    """Token-weighted CE (and KD) of the student on held-out data, teacher-forced."""
+def validate(accelerator, student, teacher, loader, kd_fn, kd_ratio, vocab, loss_fn=None):
+    """Token-weighted CE (and KD) of the student on held-out data, teacher-forced.
+    ``loss_fn(batch) -> (loss, parts)`` replaces ``distill_loss`` (the fused path)."""
     was_training = student.training
     student.eval()
     sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
     for batch in loader:
-        _, parts = distill_loss(student, teacher, batch, kd_fn, kd_ratio, vocab)
+        _, parts = (loss_fn(batch) if loss_fn is not None
+                    else distill_loss(student, teacher, batch, kd_fn, kd_ratio, vocab))
         n = parts["tokens"].double()
         sums += torch.stack([parts["ce"].double() * n, parts.get("kd", torch.zeros(())).double() * n, n])
     sums = accelerator.reduce(sums, reduction="sum")
@@ -191,10 +193,12 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
         reduce_mean,
         to_device,
     )
+    from .fused import fused_distill_loss, use_fused_linear
     from .onpolicy import OnPolicy
+    from .tracking import Trackers, accelerator_kwargs
 
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
-    accelerator = make_accelerator(mixed_precision, cfg.grad_accum)
+    accelerator = make_accelerator(mixed_precision, cfg.grad_accum, **accelerator_kwargs(cfg, out_dir))
     configure_deepspeed(accelerator, cfg)
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -210,6 +214,7 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
     val_batches = EvalShards(val_items, cfg.eval_batch_size, collate, accelerator)
     optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    fused = use_fused_linear(cfg, student, vocab)
     student, optimizer = accelerator.prepare(student, optimizer)
     total = total_optimizer_steps(cfg, stream.batches_per_epoch)
     # The scheduler is stepped by hand once per optimiser step: accelerate's
@@ -225,6 +230,10 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
                             mixed_precision=mixed_precision)
 
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), run_name, enabled=main)
+    trackers = Trackers(accelerator, cfg, run_name)
+
+    def eval_loss(batch):  # validation on the training path's kernels
+        return fused_distill_loss(student, teacher, batch, cfg.loss_args, cfg.kd_ratio, vocab)
     ckpt = CheckpointManager(out_dir, accelerator, keep=cfg.save_total_limit, log=info, fingerprint={
         "seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
         "train_examples": len(train_items), "lm_examples": len(lm_items or ())})
@@ -259,6 +268,7 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
     info(f"{run_name}: {len(train_items)} training examples, {total} optimiser steps "
          f"(batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {world} processes), "
          f"loss = {objective}, device {accelerator.device}, mixed precision {mixed_precision}"
+         + (", fused linear (no [N, V] logits)" if fused else "")
          + (f", token mean {cfg.token_mean}" if world > 1 else "")
          + (f"; on-policy: student samples with probability {cfg.student_gen_ratio:g} per micro-batch "
             f"(T={cfg.gen_temperature:g}, top-p {cfg.gen_top_p:g}, top-k {cfg.gen_top_k}, <= "
@@ -283,6 +293,8 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
                       if lm_stream is not None else None)
 
         def kd_loss(batch, denominator):
+            if fused:
+                return fused_distill_loss(student, teacher, batch, cfg.loss_args, cfg.kd_ratio, vocab, denominator)
             return distill_loss(student, teacher, batch, kd_fn, cfg.kd_ratio, vocab, denominator)
 
         def lm_loss(lm_batch, lm_denominator):
@@ -327,18 +339,25 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
             if onpolicy is not None:
                 record.update(generated_frac=window["generated"] / m, buffer=len(onpolicy.buffer))
             log.write(**record)
+            trackers.log(record)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "ce", "kd") if k in record})
             window = _new_window()
             window_start = time.time()
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-            log.write(step=step, **validate(accelerator, student, teacher, val_batches, kd_fn, cfg.kd_ratio, vocab))
+            val = validate(accelerator, student, teacher, val_batches, kd_fn, cfg.kd_ratio, vocab,
+                           eval_loss if fused else None)
+            log.write(step=step, **val)
+            trackers.log(dict(step=step, **val))
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             ckpt.save(step, trainer_state())
         inject_fault("after-step", step)
     bar.close()
     seconds = time.time() - start
-    final_val = validate(accelerator, student, teacher, val_batches, kd_fn, cfg.kd_ratio, vocab)
+    final_val = validate(accelerator, student, teacher, val_batches, kd_fn, cfg.kd_ratio, vocab,
+                         eval_loss if fused else None)
     log.write(step=step, **final_val)
+    trackers.log(dict(step=step, **final_val))
+    trackers.close()
     final_dir = os.path.join(out_dir, "final")
     save_model(accelerator, student, tokenizer, final_dir, extra={"step": step, "epoch": stream.epoch_progress})
     info(f"{run_name}: {step} steps in {seconds:.1f}s; validation " +

@@ -41,11 +41,13 @@ def shift_labels(labels):
     return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def distillation_sums(student, teacher, inputs, labels, *, kd_ratio, csd_kwargs, use_fused_linear, vocab_size=None):
+def distillation_sums(student, teacher, inputs, labels, *, kd_ratio, csd_kwargs, use_fused_linear, vocab_size=None,
+                      log_ce=False):
     """(loss sum over counted tokens, {"ce": sum, "kd": sum}, student outputs) for one micro-batch.
 
     ``labels`` are already shifted (aligned with the logits).  The teacher runs under no_grad.
-    With ``use_fused_linear`` neither model's ``[B, T, V]`` logits are computed.
+    With ``use_fused_linear`` neither model's ``[B, T, V]`` logits are computed.  ``log_ce``:
+    with kd_ratio = 1, also return the CE sum, computed without a graph (for logging).
     """
     parts = {}
     loss = None
@@ -59,6 +61,10 @@ def distillation_sums(student, teacher, inputs, labels, *, kd_ratio, csd_kwargs,
         if kd_ratio < 1:
             parts["ce"] = linear_cross_entropy_sum(hidden, weight, bias, labels)
             loss = (1 - kd_ratio) * parts["ce"]
+        elif log_ce:
+            with torch.no_grad():
+                parts["ce"] = linear_cross_entropy_sum(hidden.detach(), weight.detach(),
+                                                       None if bias is None else bias.detach(), labels)
         if kd_ratio > 0:
             with torch.no_grad():
                 t_hidden, t_head, _ = hidden_states_and_head(teacher, inputs)
