@@ -118,6 +118,7 @@ def test_datasets_sources(tmp_path):
 def test_cli_fused_linear_tensorboard_and_prompt_completion_data(tmp_path):
     """A short csd-distill run on prompt-completion JSONL with --fused-linear on and
     --report-to tensorboard: the event files hold the logged loss (read back offline)."""
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     paths = make_tiny_setup(str(tmp_path / "tiny"), n_train=24, n_eval=4, dropout=0.0)

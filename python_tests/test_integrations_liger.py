@@ -91,3 +91,18 @@ def test_trl_has_no_liger_distillation_path_to_run_it_in():
 
     assert "liger" not in inspect.getsource(GKDTrainer).lower(), trl.__version__
     assert "LigerFusedLinearJSDLoss" not in inspect.getsource(distillation_trainer), trl.__version__
+
+
+def test_version_checks_say_what_to_upgrade(monkeypatch):
+    from packaging.version import Version
+
+    from csd_ext.integrations import _versions
+
+    monkeypatch.setattr(_versions, "installed_version", lambda name: Version("0.1"))
+    with pytest.raises(ImportError, match=r"needs trl >= 1\.7, found 0\.1: pip install -U 'trl>=1\.7'"):
+        _versions.require("trl")
+    monkeypatch.setattr(_versions, "installed_version", lambda name: None)
+    with pytest.raises(ImportError, match="not installed: pip install 'transformers>=4.46'"):
+        _versions.require("transformers")
+    monkeypatch.undo()
+    assert _versions.require("transformers") >= Version("4.46")

@@ -20,7 +20,11 @@ import contextlib
 
 import torch
 
+from ..integrations._versions import require
 from .data import IGNORE_INDEX
+
+# gradient_accumulation_steps on the Accelerator, accumulate(), DeepSpeed accumulation boundaries
+require("accelerate")
 
 
 def window_denominator(label_batches, accelerator, mode="global"):

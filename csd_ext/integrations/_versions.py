@@ -13,7 +13,8 @@ from packaging.version import Version
 # package -> (minimum that has every API we call, why)
 MINIMUM = {
     "transformers": ("4.46", "Trainer.compute_loss(num_items_in_batch=...) (transformers 4.46)"),
-    "trl": ("0.20", "GKDTrainer passing num_items_in_batch to its loss (TRL 0.20)"),
+    "trl": ("1.7", "GKDTrainer passing num_items_in_batch to generalized_jsd_loss (TRL 1.7, huggingface/trl#6006; "
+                   "older releases normalise each micro-batch on its own under gradient accumulation)"),
     "accelerate": ("1.0", "Accelerator(gradient_accumulation_steps=...) with accumulate() and DeepSpeed gradient "
                           "accumulation boundaries (accelerate 1.0)"),
     "peft": ("0.13", "PeftModel.from_pretrained / get_peft_model as used by csd-distill"),

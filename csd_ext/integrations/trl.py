@@ -12,7 +12,8 @@ mean over the micro-batch's counted tokens.  Note that with on-policy samples (`
 counts ``num_items_in_batch`` on the dataset's labels *before* the completions are regenerated;
 the loss inherits that count from GKD unchanged.
 
-Tested with TRL 1.16 (``trl.experimental.gkd``); needs TRL >= 0.20 (``num_items_in_batch``).
+Tested with TRL 1.16 (``trl.experimental.gkd``); needs TRL >= 1.7, whose GKD passes
+``num_items_in_batch`` to the loss (huggingface/trl#6006).
 """
 
 from ._versions import require
@@ -20,10 +21,7 @@ from ._versions import require
 require("trl")
 require("transformers")
 
-try:  # TRL >= 0.24 moved GKD to trl.experimental
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-except ImportError:  # pragma: no cover  (older TRL)
-    from trl import GKDConfig, GKDTrainer
+from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
 
 from ..loss import csd_loss  # noqa: E402
 from ._options import check_csd_kwargs  # noqa: E402
