@@ -71,6 +71,9 @@ def distillation_sums(student, teacher, inputs, labels, *, kd_ratio, csd_kwargs,
             t_weight, t_bias = t_head.weight, t_head.bias
             if vocab_size is not None:
                 t_weight, t_bias = t_weight[:vocab_size], None if t_bias is None else t_bias[:vocab_size]
+            # under autocast the hidden states and the head may differ in dtype: compute as the head would
+            t_weight = t_weight.to(t_hidden.dtype)
+            t_bias = None if t_bias is None else t_bias.to(t_hidden.dtype)
             check_same_vocab(weight.shape[0], t_weight.shape[0])
             parts["kd"] = fused_linear_csd(
                 hidden, weight, None, labels, teacher_hidden=t_hidden, teacher_weight=t_weight,
