@@ -55,3 +55,15 @@ class ListDataset(torch.utils.data.Dataset):
 
 def stack_collator(items):
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def reset_accelerate_state():
+    """accelerate keeps one process-wide state (mixed precision, CPU, accumulation); a Trainer
+    or Accelerator made by one test would make a later in-process Accelerator with other settings
+    fail.  Used as an autouse fixture by the tests that make them."""
+    try:
+        from accelerate.state import AcceleratorState, GradientState
+    except ImportError:  # pragma: no cover
+        return
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

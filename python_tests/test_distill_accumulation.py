@@ -87,3 +87,11 @@ def test_deepspeed_zero1_on_cpu_matches_micro8(tmp_path):
     torch.testing.assert_close(result["update"], g8, rtol=1e-5, atol=1e-7)
     assert "--lm-data under DeepSpeed is not supported" in result["lm_error"]
     assert "gradient_accumulation_steps=3" in result["gas_error"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from integration_helpers import reset_accelerate_state
+
+    reset_accelerate_state()

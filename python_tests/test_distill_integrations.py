@@ -140,3 +140,11 @@ def test_cli_fused_linear_tensorboard_and_prompt_completion_data(tmp_path):
     assert len(losses) == 2 and all(v == v and v > 0 for v in losses)
     status, log = run_inprocess(cli_args(paths, str(tmp_path / "bad"), report_to="mlflow"))
     assert status != 0 and "report_to must be one of" in log, log[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from integration_helpers import reset_accelerate_state
+
+    reset_accelerate_state()

@@ -149,3 +149,11 @@ def test_every_docs_file_is_collected():
     """New docs files are picked up without editing this test."""
     names = {os.path.relpath(p, ROOT) for p in doc_files()}
     assert "README.md" in names and any(n.startswith("docs" + os.sep) for n in names)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from integration_helpers import reset_accelerate_state
+
+    reset_accelerate_state()

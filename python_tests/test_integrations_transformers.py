@@ -171,3 +171,11 @@ def test_bad_arguments_are_named(tmp_path):
         trainer.compute_loss(student, stack_collator(token_examples(2)))
     trainer = CSDTrainer(model=student, teacher_model=other, args=args, vocab_size=61)
     assert torch.isfinite(trainer.compute_loss(student, stack_collator(token_examples(2))))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from integration_helpers import reset_accelerate_state
+
+    reset_accelerate_state()

@@ -72,3 +72,11 @@ def test_loss_is_csd_with_gkd_token_normalisation(tmp_path):
 def test_bad_csd_kwargs(tmp_path):
     with pytest.raises(ValueError, match="csd_kwargs: unknown key"):
         CSDGKDTrainer(model=None, csd_kwargs=dict(beta=0.1))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from integration_helpers import reset_accelerate_state
+
+    reset_accelerate_state()
