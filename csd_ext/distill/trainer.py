@@ -330,7 +330,9 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
                 [window["loss"] / m, window["ce"] / m, window["kd"] / m, window["lm"] / m, window["tokens"]],
                 accelerator)
             record = {"step": step, "epoch": round(stream.epoch_progress, 4), "lr": scheduler.get_last_lr()[0],
-                      "loss": loss_m, "ce": ce_m, "grad_norm": float(grad_norm),
+                      "loss": loss_m, "ce": ce_m,
+                      # DeepSpeed reports no norm before its engine has stepped
+                      "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                       "tokens_per_s": tokens * world / max(time.time() - window_start, 1e-9)}
             if cfg.kd_ratio > 0:
                 record["kd"] = kd_m
