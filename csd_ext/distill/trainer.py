@@ -215,12 +215,13 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
     optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     fused = use_fused_linear(cfg, student, vocab)
+    torch_optimizer = optimizer  # DeepSpeed's wrapper has no .defaults, which the schedules read
     student, optimizer = accelerator.prepare(student, optimizer)
     total = total_optimizer_steps(cfg, stream.batches_per_epoch)
     # The scheduler is stepped by hand once per optimiser step: accelerate's
     # wrapper would step it num_processes times per step under DDP.  Registered
     # so that checkpoints hold its state.
-    scheduler = build_scheduler(cfg, optimizer, total)
+    scheduler = build_scheduler(cfg, torch_optimizer, total)
     accelerator.register_for_checkpointing(scheduler)
     teacher = place_teacher(accelerator, teacher, cfg.teacher_sharding, log=info)
     onpolicy = None
