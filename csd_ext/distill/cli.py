@@ -21,7 +21,10 @@ HELP = {
     "teacher": "teacher: HF model id or local directory",
     "student": "student: HF model id or local directory (its initial weights)",
     "tokenizer": "one tokenizer for both models (default: each model's own, which must agree)",
-    "train_data": "Dolly JSONL: instruction, context, response per line",
+    "train_data": "Dolly, chat ('messages') or prompt-completion records: .jsonl/.json/.parquet/.csv, or a "
+                  "datasets save_to_disk directory (DIR:SPLIT for a split)",
+    "report_to": "metrics to none | tensorboard | wandb (accelerate trackers; tensorboard under OUTPUT_DIR)",
+    "fused_linear": "auto | on | off: CSD from hidden states and LM heads, no [N, V] logits (auto: V >= 100k)",
     "eval_data": "held-out Dolly JSONL (default: the first --eval-holdout training lines)",
     "loss": "KD loss: csd or a baseline (fkl, rkl, skl, jeffreys, tv, js, sfkl, srkl, ab, dld)",
     "kd_ratio": "objective = (1 - kd_ratio) CE + kd_ratio KD",

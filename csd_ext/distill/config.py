@@ -103,6 +103,8 @@ class DistillConfig:
 
     # --- logging, checkpoints, evaluation
     log_every: int = 10
+    report_to: str = "none"                  # none | tensorboard | wandb (accelerate trackers)
+    fused_linear: str = "auto"               # auto (on for csd from 100k vocab) | on | off
     eval_every: int = 0                      # validation loss every N steps (0: at the end only)
     save_every: int = 0                      # checkpoint every N steps (0: final only)
     eval_seeds: list = field(default_factory=lambda: [10, 20, 30, 40, 50])  # sampling seeds

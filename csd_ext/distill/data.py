@@ -96,7 +96,13 @@ def normalise_record(row, where="record"):
 
 
 def build_prompt(example, template="minillm", tokenizer=None):
-    """The prompt text for an example: MiniLLM's template, or the tokenizer's chat template."""
+    """The prompt text for an example: MiniLLM's template, or the tokenizer's chat template.
+    Chat and prompt-completion records (sources.py) bring their own prompt."""
+    from .sources import prompt_for
+
+    own = prompt_for(example, template, tokenizer)
+    if own is not None:
+        return own
     if template in ("minillm", "compact"):
         with_input, no_input = ((PROMPT_WITH_INPUT, PROMPT_NO_INPUT) if template == "minillm"
                                 else (COMPACT_WITH_INPUT, COMPACT_NO_INPUT))

@@ -28,6 +28,7 @@
 
 import contextlib
 import math
+import os
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -35,12 +36,15 @@ from torch.utils.data import DistributedSampler
 from .data import IGNORE_INDEX
 
 
-def make_accelerator(mixed_precision):
+def make_accelerator(mixed_precision, grad_accum=1, **kwargs):
     from accelerate import Accelerator
 
-    # Gradient accumulation is done by the loop itself (no_sync on all but the last
-    # micro-batch), so accelerate's own counter stays at 1.
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    # accelerate counts the micro-batches (accumulation.py): it syncs gradients on the last
+    # one, and under DeepSpeed the engine steps once per window, not on every backward.
+    # cpu=True would make accelerate ignore a DeepSpeed config; DeepSpeed runs on CPU itself.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available() and not deepspeed,
+                       gradient_accumulation_steps=grad_accum, **kwargs)
 
 
 class ShardedBatchStream:

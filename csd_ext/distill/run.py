@@ -6,7 +6,8 @@ import os
 import yaml
 
 from .config import to_dict
-from .data import encode_dataset, load_dolly_jsonl, split_holdout
+from .data import encode_dataset, split_holdout
+from .sources import load_records
 from .evaluate import evaluate_model
 from .logging_utils import info, is_main_rank
 from .models import count_parameters, load_pair, resolve_mixed_precision, shared_vocab
@@ -24,9 +25,9 @@ def save_config(cfg, out_dir):
 
 def load_data(cfg, tokenizer):
     """(train items, eval items), encoded with the configured template and lengths."""
-    raw_train = load_dolly_jsonl(cfg.train_data)
+    raw_train = load_records(cfg.train_data)
     if cfg.eval_data:
-        raw_eval = load_dolly_jsonl(cfg.eval_data)
+        raw_eval = load_records(cfg.eval_data)
     else:
         raw_train, raw_eval = split_holdout(raw_train, cfg.eval_holdout)
     if cfg.max_train_examples:

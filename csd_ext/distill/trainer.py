@@ -125,13 +125,15 @@ def total_optimizer_steps(cfg, batches_per_epoch):
 
 
 @torch.no_grad()
-def validate(accelerator, student, teacher, loader, kd_fn, kd_ratio, vocab):
-    """Token-weighted CE (and KD) of the student on held-out data, teacher-forced."""
+def validate(accelerator, student, teacher, loader, kd_fn, kd_ratio, vocab, loss_fn=None):
+    """Token-weighted CE (and KD) of the student on held-out data, teacher-forced.
+    ``loss_fn(batch) -> (loss, parts)`` replaces ``distill_loss`` (the fused path)."""
     was_training = student.training
     student.eval()
     sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
     for batch in loader:
-        _, parts = distill_loss(student, teacher, batch, kd_fn, kd_ratio, vocab)
+        _, parts = (loss_fn(batch) if loss_fn is not None
+                    else distill_loss(student, teacher, batch, kd_fn, kd_ratio, vocab))
         n = parts["tokens"].double()
         sums += torch.stack([parts["ce"].double() * n, parts.get("kd", torch.zeros(())).double() * n, n])
     sums = accelerator.reduce(sums, reduction="sum")
@@ -183,6 +185,7 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
     """
     from accelerate.utils import set_seed
 
+    from .accumulation import accumulate_step, configure_deepspeed
     from .checkpoint import CheckpointError, CheckpointManager, inject_fault, truncate_metrics
     from .distributed import (
         EvalShards,
@@ -192,14 +195,15 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
         make_accelerator,
         place_teacher,
         reduce_mean,
-        sync_context,
         to_device,
-        token_denominator,
     )
+    from .fused import fused_distill_loss, use_fused_linear
     from .onpolicy import OnPolicy
+    from .tracking import Trackers, accelerator_kwargs
 
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
-    accelerator = make_accelerator(mixed_precision)
+    accelerator = make_accelerator(mixed_precision, cfg.grad_accum, **accelerator_kwargs(cfg, out_dir))
+    configure_deepspeed(accelerator, cfg)
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.seed)
@@ -214,12 +218,14 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
     val_batches = EvalShards(val_items, cfg.eval_batch_size, collate, accelerator)
     optimizer = torch.optim.AdamW(param_groups(student, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    fused = use_fused_linear(cfg, student, vocab)
+    torch_optimizer = optimizer  # DeepSpeed's wrapper has no .defaults, which the schedules read
     student, optimizer = accelerator.prepare(student, optimizer)
     total = total_optimizer_steps(cfg, stream.batches_per_epoch)
     # The scheduler is stepped by hand once per optimiser step: accelerate's
     # wrapper would step it num_processes times per step under DDP.  Registered
     # so that checkpoints hold its state.
-    scheduler = build_scheduler(cfg, optimizer, total)
+    scheduler = build_scheduler(cfg, torch_optimizer, total)
     accelerator.register_for_checkpointing(scheduler)
     teacher = place_teacher(accelerator, teacher, cfg.teacher_sharding, log=info)
     onpolicy = None
@@ -229,6 +235,10 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
                             mixed_precision=mixed_precision)
 
     log = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), run_name, enabled=main)
+    trackers = Trackers(accelerator, cfg, run_name)
+
+    def eval_loss(batch):  # validation on the training path's kernels
+        return fused_distill_loss(student, teacher, batch, cfg.loss_args, cfg.kd_ratio, vocab)
     ckpt = CheckpointManager(out_dir, accelerator, keep=cfg.save_total_limit, log=info, fingerprint={
         "seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
         "train_examples": len(train_items), "lm_examples": len(lm_items or ())})
@@ -271,6 +281,7 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
     info(f"{run_name}: {len(train_items)} training examples, {total} optimiser steps "
          f"(batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {world} processes), "
          f"loss = {objective}, device {accelerator.device}, mixed precision {mixed_precision}"
+         + (", fused linear (no [N, V] logits)" if fused else "")
          + (f", token mean {cfg.token_mean}" if world > 1 else "")
          + (f"; on-policy: student samples with probability {cfg.student_gen_ratio:g} per micro-batch "
             f"(T={cfg.gen_temperature:g}, top-p {cfg.gen_top_p:g}, top-k {cfg.gen_top_k}, <= "
@@ -282,33 +293,40 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
     window_start = time.time()
     bar = tqdm(total=total, initial=step, desc=run_name, disable=not main, dynamic_ncols=True, leave=True)
     while step < total:
-        for micro in range(cfg.grad_accum):
-            last = micro == cfg.grad_accum - 1
+        # Every micro-batch of the step first: the token mean is over all of them (accumulation.py).
+        micro_items = []
+        for _ in range(cfg.grad_accum):
             items = stream.next()
             if onpolicy is not None:
                 items, generated = onpolicy.training_items(items, accelerator.unwrap_model(student))
                 window["generated"] += int(generated)
-            batch = to_device(collate(items), accelerator.device)
-            denominator = token_denominator(batch["labels"], accelerator, cfg.token_mean)
-            with sync_context(accelerator, student, last and lm_stream is None):
-                loss, parts = distill_loss(student, teacher, batch, kd_fn, cfg.kd_ratio, vocab, denominator)
-                accelerator.backward(loss / cfg.grad_accum)
+            micro_items.append(items)
+        batches = [to_device(collate(items), accelerator.device) for items in micro_items]
+        lm_batches = ([to_device(collate(lm_stream.next()), accelerator.device) for _ in range(cfg.grad_accum)]
+                      if lm_stream is not None else None)
+
+        def kd_loss(batch, denominator):
+            if fused:
+                return fused_distill_loss(student, teacher, batch, cfg.loss_args, cfg.kd_ratio, vocab, denominator)
+            return distill_loss(student, teacher, batch, kd_fn, cfg.kd_ratio, vocab, denominator)
+
+        def lm_loss(lm_batch, lm_denominator):
+            lm_logits = student(**model_inputs(lm_batch), use_cache=False).logits
+            if vocab is not None:
+                lm_logits = lm_logits[..., :vocab]
+            lm_tokens = (lm_batch["labels"] != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
+            return token_cross_entropy(lm_logits, lm_batch["labels"]) * (lm_tokens / lm_denominator)
+
+        for loss, parts, lm in accumulate_step(accelerator, student, batches, kd_loss, lm_batches=lm_batches,
+                                               lm_fn=lm_loss, lm_coef=cfg.lm_coef, token_mean=cfg.token_mean):
+            # Each value is (micro-batch token sum) / (window count / accumulation steps): their mean
+            # over the window's micro-batches is the window's token mean.
             window["loss"] += loss.item()
             window["ce"] += parts["ce"].item()
             window["kd"] += parts.get("kd", torch.zeros(())).item()
             window["tokens"] += int(parts["tokens"])
             window["micro"] += 1
-            if lm_stream is not None:
-                # A separate forward/backward: DDP allows one forward per backward.
-                lm_batch = to_device(collate(lm_stream.next()), accelerator.device)
-                lm_denominator = token_denominator(lm_batch["labels"], accelerator, cfg.token_mean)
-                with sync_context(accelerator, student, last):
-                    lm_logits = student(**model_inputs(lm_batch), use_cache=False).logits
-                    if vocab is not None:
-                        lm_logits = lm_logits[..., :vocab]
-                    lm_tokens = (lm_batch["labels"] != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
-                    lm = token_cross_entropy(lm_logits, lm_batch["labels"]) * (lm_tokens / lm_denominator)
-                    accelerator.backward(cfg.lm_coef * lm / cfg.grad_accum)
+            if lm is not None:
                 window["lm"] += lm.item()
                 window["loss"] += cfg.lm_coef * lm.item()
         grad_norm = accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm or float("inf"))
@@ -325,7 +343,9 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
                 [window["loss"] / m, window["ce"] / m, window["kd"] / m, window["lm"] / m, window["tokens"]],
                 accelerator)
             record = {"step": step, "epoch": round(stream.epoch_progress, 4), "lr": scheduler.get_last_lr()[0],
-                      "loss": loss_m, "ce": ce_m, "grad_norm": float(grad_norm),
+                      "loss": loss_m, "ce": ce_m,
+                      # DeepSpeed reports no norm before its engine has stepped
+                      "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                       "tokens_per_s": tokens * world / max(time.time() - window_start, 1e-9)}
             if cfg.kd_ratio > 0:
                 record["kd"] = kd_m
@@ -334,11 +354,15 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
             if onpolicy is not None:
                 record.update(generated_frac=window["generated"] / m, buffer=len(onpolicy.buffer))
             log.write(**record)
+            trackers.log(record)
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "ce", "kd") if k in record})
             window = _new_window()
             window_start = time.time()
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-            log.write(step=step, **validate(accelerator, student, teacher, val_batches, kd_fn, cfg.kd_ratio, vocab))
+            val = validate(accelerator, student, teacher, val_batches, kd_fn, cfg.kd_ratio, vocab,
+                           eval_loss if fused else None)
+            log.write(step=step, **val)
+            trackers.log(dict(step=step, **val))
         if best is not None:
             record = best.maybe_evaluate(student, step, stream.epoch_progress, step == total)
             if record is not None:
@@ -348,8 +372,11 @@ def train(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, *, 
         inject_fault("after-step", step)
     bar.close()
     seconds = time.time() - start
-    final_val = validate(accelerator, student, teacher, val_batches, kd_fn, cfg.kd_ratio, vocab)
+    final_val = validate(accelerator, student, teacher, val_batches, kd_fn, cfg.kd_ratio, vocab,
+                         eval_loss if fused else None)
     log.write(step=step, **final_val)
+    trackers.log(dict(step=step, **final_val))
+    trackers.close()
     final_dir = os.path.join(out_dir, "final")
     save_model(accelerator, student, tokenizer, final_dir, extra={"step": step, "epoch": stream.epoch_progress})
     info(f"{run_name}: {step} steps in {seconds:.1f}s; validation " +
