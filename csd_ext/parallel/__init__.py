@@ -1,0 +1,6 @@
+"""Vocab-parallel (tensor-parallel) CSD: the loss and the fused linear path on logits and
+LM heads split over the vocabulary across ranks.  See docs/parallel.md."""
+
+from .loss import VocabParallelCSDLoss, vocab_parallel_csd_loss
+
+__all__ = ["vocab_parallel_csd_loss", "VocabParallelCSDLoss"]
