@@ -52,9 +52,41 @@ def _shape_error(states, exc):
     return RuntimeError(
         f"vocab-parallel CSD: all-gathering the per-row states failed ({exc}). Every rank of the "
         f"group must pass logits with the same leading shape (this rank: {states.shape[0]} rows); "
-        f"only the last (vocabulary) dimension may differ between ranks"
+        f"only the last (vocabulary) dimension may differ between ranks (check_shapes=True checks it)"
     )
 
 
 def all_gather_states(states, group):
     return PendingGather(states, group, async_op=False).wait()
+
+
+MAX_CHECKED_DIMS = 8
+
+
+def check_same_leading_shape(lead_shape, width, device, group):
+    """Raise a clear error when ranks pass different leading shapes (opt-in: check_shapes=True).
+
+    Costs one extra all-gather of a few integers and a host sync, which the loss itself avoids;
+    without it a different row count fails inside the backend (gloo aborts the process with
+    "Received data size doesn't match expected size"; NCCL may hang), and a different leading
+    shape with the same row count goes unnoticed.
+    """
+    if len(lead_shape) > MAX_CHECKED_DIMS:
+        raise ValueError(f"check_shapes supports up to {MAX_CHECKED_DIMS} leading dimensions, got {len(lead_shape)}")
+    header = torch.full((MAX_CHECKED_DIMS + 2,), -1, dtype=torch.int64)
+    header[0] = len(lead_shape)
+    header[1] = width
+    header[2:2 + len(lead_shape)] = torch.tensor(list(lead_shape), dtype=torch.int64)
+    header = header.to(device)
+    world = dist.get_world_size(group)
+    out = header.new_empty((world, header.numel()))
+    _all_gather_single(out.view(-1), header, group=group)
+    out = out.cpu()
+    shapes = [tuple(int(v) for v in row[2:2 + int(row[0])]) for row in out]
+    if any(s != shapes[0] for s in shapes):
+        widths = [int(row[1]) for row in out]
+        raise ValueError(
+            "vocab-parallel CSD: the ranks passed logits with different leading shapes "
+            + ", ".join(f"rank {r}: {s} x {w} columns" for r, (s, w) in enumerate(zip(shapes, widths)))
+            + "; every rank must hold the same rows (tokens) and only its own slice of the vocabulary"
+        )

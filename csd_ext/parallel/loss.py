@@ -20,7 +20,7 @@ from .._validate import (
     check_temperature,
     check_weighting,
 )
-from ._comm import all_gather_states, resolve_group
+from ._comm import all_gather_states, check_same_leading_shape, resolve_group
 from ._kernel_stats import kernel_stats
 from ._moments import SUM, finalize, merge_ranks, needs_of, partial_states
 from .dtensor import is_dtensor, vocab_parallel_dtensor_call
@@ -114,6 +114,7 @@ def vocab_parallel_csd_loss(
     temperature=1.0,
     ignore_index=-100,
     reduction="mean",
+    check_shapes=False,
 ):
     """:func:`csd_ext.csd_loss` of logits split over the vocabulary across the ranks of `group`.
 
@@ -127,11 +128,15 @@ def vocab_parallel_csd_loss(
         group: process group over which the vocabulary is split (default: the world).
         weighting, alpha, temperature, ignore_index, reduction: as in ``csd_loss``; U
             counts the unmasked entries of the whole vocabulary.
+        check_shapes: first check that every rank passes the same leading shape, with
+            one extra all-gather of a few integers and a host sync (for debugging; off by
+            default because the loss otherwise never syncs with the host).
 
     Returns the global loss on every rank, bitwise identical across ranks.  One
     all-gather of a few floats per row and base distribution per call; the backward
     is local.  Every rank must call it with the same leading shape, arguments and
-    labels (a different row count fails in the all-gather, with an error naming it).
+    labels.  Without ``check_shapes`` a different row count fails inside the collective
+    (gloo aborts the process with "Received data size doesn't match expected size").
     """
     if is_dtensor(student_shard) or is_dtensor(teacher_shard):
         if group is not None:
@@ -141,7 +146,7 @@ def vocab_parallel_csd_loss(
             vocab_parallel_csd_loss, student_shard, teacher_shard, labels,
             weighting=weighting, alpha=alpha, temperature=temperature,
             ignore_index=ignore_index, reduction=reduction,
-        )
+        )  # DTensors carry their global shape: torch has checked it
     check_shards(student_shard, teacher_shard)
     if labels is not None:
         check_labels(labels, student_shard)
@@ -151,6 +156,8 @@ def vocab_parallel_csd_loss(
     check_ignore_index(ignore_index)
     check_reduction(reduction)
     group = resolve_group(group)
+    if check_shapes:
+        check_same_leading_shape(student_shard.shape[:-1], student_shard.shape[-1], student_shard.device, group)
 
     width = student_shard.shape[-1]
     rows = student_shard.shape[:-1].numel()  # not -1: a 0-column shard has no elements to infer it from
@@ -165,7 +172,7 @@ class VocabParallelCSDLoss(torch.nn.Module):
     """Module form of :func:`vocab_parallel_csd_loss`; arguments are checked at construction."""
 
     def __init__(self, weighting="SS", alpha=0.5, temperature=1.0, ignore_index=-100, reduction="mean",
-                 group=None):
+                 group=None, check_shapes=False):
         super().__init__()
         self.weighting = check_weighting(weighting)
         self.alpha = check_alpha(alpha)
@@ -173,12 +180,13 @@ class VocabParallelCSDLoss(torch.nn.Module):
         self.ignore_index = check_ignore_index(ignore_index)
         self.reduction = check_reduction(reduction)
         self.group = group
+        self.check_shapes = check_shapes
 
     def forward(self, student_shard, teacher_shard, labels=None):
         return vocab_parallel_csd_loss(
             student_shard, teacher_shard, labels, group=self.group,
             weighting=self.weighting, alpha=self.alpha, temperature=self.temperature,
-            ignore_index=self.ignore_index, reduction=self.reduction,
+            ignore_index=self.ignore_index, reduction=self.reduction, check_shapes=self.check_shapes,
         )
 
     def extra_repr(self):
