@@ -39,6 +39,10 @@ def load_data(cfg, tokenizer):
 
 def train_from_config(cfg, run_name):
     """Load what ``cfg`` names, train, and return everything evaluation needs."""
+    if cfg.tensor_parallel:
+        from .tensor_parallel import train_from_config_tp
+
+        return train_from_config_tp(cfg, run_name)
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     teacher, student, tokenizer = load_pair(cfg, mixed_precision, log=info)
     vocab = shared_vocab(teacher, student, tokenizer, log=info)
