@@ -251,3 +251,23 @@ def body_three_ranks(rank, world):
 def body_four_ranks(rank, world):
     check_loss_cases(rank, world, [300, 1, 450, 250])
     check_dtensor_cases(rank, world, (2, 2), ("dp", "tp"))
+
+
+def check_kernel_states_match_pytorch_states():
+    """The kernel-derived partial states equal the plain-PyTorch ones (no process group needed)."""
+    from csd_ext.parallel._kernel_stats import kernel_partial_states
+    from csd_ext.parallel._moments import partial_states
+
+    z, t, labels = make_case(7, torch.float64, inf_cols=(5, 6))
+    z, t = z.reshape(-1, VOCAB)[:, :40], t.reshape(-1, VOCAB)[:, :40]
+    z[2, :] = float("-inf")  # a row with no unmasked column on this shard
+    for need in ((True, False, False), (False, True, True), (True, True, True)):
+        a = kernel_partial_states(z, t, None, need, 1.3, torch.float64)
+        b = partial_states(z, t, need, 1.3, torch.float64)
+        # Kernel states are relative to the log-sum-exp (sum 1); compare normalised forms.
+        for s in (a, b):
+            finite = s[..., 1] > 0
+            s[..., 0] = torch.where(finite, s[..., 0] + torch.log(torch.where(finite, s[..., 1], 1.0)), s[..., 0])
+            s[..., 3] = torch.where(finite, s[..., 3] / torch.where(finite, s[..., 1], 1.0), s[..., 3])
+            s[..., 1] = torch.where(finite, torch.ones_like(s[..., 1]), s[..., 1])
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

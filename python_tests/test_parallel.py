@@ -33,3 +33,8 @@ def test_vocab_parallel_three_ranks(tmp_path):
 def test_vocab_parallel_four_ranks(tmp_path):
     """V = 1001 as 300 + 1 + 450 + 250; DTensor on a 2 x 2 mesh sharded over its "tp" dimension."""
     spawn(tmp_path, 4, pw.body_four_ranks)
+
+
+def test_kernel_partial_states_match_pytorch():
+    """The states the loss gets from the compiled kernel == an independent PyTorch computation."""
+    pw.check_kernel_states_match_pytorch_states()

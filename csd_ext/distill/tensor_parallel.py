@@ -35,7 +35,7 @@ def check_tp_family(name_or_path, *, trust_remote_code=False, role="model"):
         raise ModelError(
             f"--tensor-parallel: the {role} {name_or_path!r} ({config.model_type}) has no tensor-parallel plan "
             f"in transformers (its config's base_model_tp_plan is empty), so transformers cannot split it. "
-            f"Families with one include llama, mistral, qwen2, qwen3, gemma and gemma2; gpt2 has none. "
+            f"Families with one include llama, mistral, qwen2, qwen3, phi3 and olmo2; gpt2 and opt have none. "
             f"Run without --tensor-parallel (data parallel, optionally --teacher-sharding shard)."
         )
     if getattr(text, "tie_word_embeddings", False):

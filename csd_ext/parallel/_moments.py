@@ -9,10 +9,12 @@ For one row and one base distribution w ∝ exp(a) (a = z/τ for S, t/τ for T,
     m2   = Σ_i exp(a_i - max) (d_i - mean)^2  (centred, on the scale of sum)
 
 exactly csd::Moments of csrc/csd_math.h, and two states merge by the same
-Chan formula (`merge` there), here vectorised over rows.  Everything is
-computed in the accumulation dtype (fp32, fp64 for fp64 inputs) on the local
-[rows, V_local] shard, a block of rows at a time, so no [N, V] tensor and no
-more than a few [block, V_local] temporaries exist.
+Chan formula (`merge` there), here vectorised over rows.
+
+`partial_states` below computes them in plain PyTorch, in the accumulation
+dtype (fp32, fp64 for fp64 inputs), a block of rows at a time, so no [N, V]
+tensor and only a few [block, V_local] temporaries exist.  The kernel-derived
+alternative, and why it is not used yet, is in _kernel_stats.py.
 """
 
 import torch

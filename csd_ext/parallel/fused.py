@@ -5,7 +5,7 @@ Each rank holds the rows [V_local, H] of the student's head (and of the teacher'
 or the teacher's logits shard).  Per chunk of rows:
 
   1. the local logits, by a GEMM in fp32 (fp64 for fp64 inputs);
-  2. their partial row states (_moments.partial_states);
+  2. their partial row states (_kernel_stats.local_partial_states);
   3. an all-gather of the states, started asynchronously; while it is in flight the
      *next* chunk's GEMM and partial states run (gloo moves the bytes on its own
      threads; NCCL would on its own stream), and only then is this chunk finished:
@@ -34,7 +34,8 @@ from .._reduce import reduce_rows, row_mask_of
 from .._validate import check_alpha, check_ignore_index, check_reduction, check_temperature, check_weighting
 from .._validate_fused import check_chunk_size, check_labels_for_hidden, check_linear, check_teacher
 from ._comm import PendingGather, resolve_group
-from ._moments import needs_of, partial_states
+from ._kernel_stats import local_partial_states
+from ._moments import needs_of
 from .loss import loss_and_stats
 
 
@@ -69,8 +70,8 @@ class _Chunks:
             t = self.teacher.linear(th, th.new_empty((e - s, self.vocab)))
         return x, z, t
 
-    def states(self, z, t):
-        return partial_states(z, t, self.need, self.temperature, self.acc)
+    def states(self, z, t, row_mask):
+        return local_partial_states(z, t, row_mask, self.need, self.temperature, self.acc)
 
 
 def _forward_pass(chunks, row_mask, weighting, alpha, group, on_chunk):
@@ -91,7 +92,8 @@ def _forward_pass(chunks, row_mask, weighting, alpha, group, on_chunk):
 
     for s, e in chunks.bounds():
         x, z, t = chunks.logits(s, e)
-        gather = PendingGather(chunks.states(z, t), group, async_op=True)
+        mask = None if row_mask is None else row_mask[s:e]
+        gather = PendingGather(chunks.states(z, t, mask), group, async_op=True)
         if pending is not None:
             finish(pending)
         pending = (s, e, x, z, t, gather)

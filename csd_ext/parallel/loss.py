@@ -21,8 +21,8 @@ from .._validate import (
     check_weighting,
 )
 from ._comm import all_gather_states, check_same_leading_shape, resolve_group
-from ._kernel_stats import kernel_stats
-from ._moments import SUM, finalize, merge_ranks, needs_of, partial_states
+from ._kernel_stats import kernel_stats, local_partial_states
+from ._moments import SUM, finalize, merge_ranks, needs_of
 from .dtensor import is_dtensor, vocab_parallel_dtensor_call
 
 
@@ -55,7 +55,8 @@ def global_row_stats(student, teacher, row_mask, weighting, alpha, temperature, 
     """(per-row loss [N], kernel stats [N, 6]) of the global rows of shards [N, V_local]."""
     acc = _ops.accumulate_dtype(student, teacher)
     need = needs_of(weighting, alpha)
-    gathered = all_gather_states(partial_states(student, teacher, need, temperature, acc), group)
+    states = local_partial_states(student, teacher, row_mask, need, temperature, acc)
+    gathered = all_gather_states(states, group)
     return loss_and_stats(gathered, need, row_mask, weighting, alpha)
 
 
