@@ -37,15 +37,22 @@ def needs_of(weighting, alpha):
     return tuple(w1[i] != 0.0 or w2[i] != 0.0 for i in range(3))
 
 
+def _dot_rows(x, y):
+    """Σ_i x_i y_i per row, as a batched GEMV: no [rows, V] temporary."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).reshape(x.shape[0])
+
+
 def _block_moments(a, d):
-    """Moments of d under exp(a) per row of a block: a = -inf, d = 0 at masked columns."""
+    """Moments of d under exp(a) per row of a block: a = -inf, d = 0 at masked columns.
+
+    `a` is consumed (overwritten in place) to save [block, V] temporaries."""
     mx = a.amax(dim=-1)
     shift = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)
-    e = torch.exp(a - shift[:, None])
+    e = a.sub_(shift[:, None]).exp_()
     s = e.sum(dim=-1)
-    mean = (e * d).sum(dim=-1) / s
+    mean = _dot_rows(e, d) / s
     c = d - mean[:, None]
-    m2 = (e * c * c).sum(dim=-1)
+    m2 = _dot_rows(e.mul_(c), c)
     # A row with no unmasked column: the canonical empty state (sum 0 is false for NaN,
     # so a NaN row stays NaN and is never mistaken for empty).
     empty = s == 0
@@ -67,24 +74,21 @@ def partial_states(student, teacher, need, temperature, acc):
         out[..., MAX] = float("-inf")
         out[..., SUM:] = 0
         return out
-    per_row = width * torch.empty((), dtype=acc).element_size() * 6
+    per_row = width * torch.empty((), dtype=acc).element_size() * 4
     block = max(1, PARTIAL_BLOCK_BYTES // per_row)
-    neg_inf = torch.tensor(float("-inf"), dtype=acc, device=student.device)
     inv_t = 1.0 / temperature
     for s in range(0, rows, block):
         e = min(rows, s + block)
         z = student[s:e].to(acc)
         t = teacher[s:e].to(acc)
-        masked = torch.isneginf(z) | torch.isneginf(t)
-        d = torch.where(masked, torch.zeros((), dtype=acc, device=z.device), z - t)
+        masked = torch.isneginf(z).logical_or_(torch.isneginf(t))
+        d = torch.sub(z, t).masked_fill_(masked, 0.0)
         for j, base in enumerate(bases):
-            if base == 0:
-                a = torch.where(masked, neg_inf, z * inv_t)
-            elif base == 1:
-                a = torch.where(masked, neg_inf, t * inv_t)
+            if base == 2:
+                a = torch.zeros_like(d)
             else:
-                a = torch.where(masked, neg_inf, torch.zeros((), dtype=acc, device=z.device))
-            out[s:e, j] = _block_moments(a, d)
+                a = torch.mul(z if base == 0 else t, inv_t)
+            out[s:e, j] = _block_moments(a.masked_fill_(masked, float("-inf")), d)
     return out
 
 
