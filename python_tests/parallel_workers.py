@@ -240,6 +240,7 @@ def body_two_ranks(rank, world):
     check_loss_cases(rank, world, [1000, 1])
     check_fused_cases(rank, world, [1, 1000])
     check_dtensor_cases(rank, world, (2,), None)
+    check_cross_entropy(rank, world, [1000, 1])
     check_errors(rank, world)
 
 
@@ -271,3 +272,23 @@ def check_kernel_states_match_pytorch_states():
             s[..., 3] = torch.where(finite, s[..., 3] / torch.where(finite, s[..., 1], 1.0), s[..., 3])
             s[..., 1] = torch.where(finite, torch.ones_like(s[..., 1]), s[..., 1])
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def check_cross_entropy(rank, world, splits):
+    """vocab_parallel_cross_entropy == F.cross_entropy on the gathered logits, value and shard gradient."""
+    import torch.nn.functional as F
+
+    from csd_ext.parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    lo, hi = bounds(splits, rank)
+    z, _t, labels = make_case(77, torch.float64, offset=50.0)
+    labels.view(-1)[1] = VOCAB - 1  # owned by the last shard (a one-column shard in [1000, 1])
+    labels.view(-1)[2] = 0
+    zs = z[..., lo:hi].clone().requires_grad_(True)
+    loss = vocab_parallel_cross_entropy(zs, labels, lo)
+    loss.backward()
+    zf = z.clone().requires_grad_(True)
+    ref = F.cross_entropy(zf.float().reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(zs.grad, zf.grad[..., lo:hi], rtol=1e-5, atol=1e-7)
