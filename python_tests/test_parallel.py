@@ -6,7 +6,6 @@ process start-up dominates the cost.
 """
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 

@@ -1,6 +1,5 @@
 """DTensor inputs for the vocab-parallel loss: Shard(-1) on one mesh dimension, Replicate elsewhere."""
 
-import torch
 
 
 def is_dtensor(x):
