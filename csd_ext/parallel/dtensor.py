@@ -1,7 +1,6 @@
 """DTensor inputs for the vocab-parallel loss: Shard(-1) on one mesh dimension, Replicate elsewhere."""
 
 
-
 def is_dtensor(x):
     try:
         from torch.distributed.tensor import DTensor
