@@ -28,6 +28,8 @@ def fused_linear_csd(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int = None,
+    vocab_parallel_group=None,
+    vocab_parallel_reduce_hidden_grad: bool = True,
 ) -> torch.Tensor:
     """:func:`csd_ext.csd_loss` of ``student_hidden @ student_weight.T + student_bias``
     without materialising the ``[N, V]`` logits.
@@ -50,6 +52,12 @@ def fused_linear_csd(
         chunk_size: rows (tokens) per chunk; ``None`` picks it from a memory budget
             (``csd_ext._fused_ops.DEFAULT_CHUNK_BUDGET_BYTES``, 64 MiB of ``[rows, V]``
             working buffers).  Only speed and peak memory depend on it.
+        vocab_parallel_group: a ``torch.distributed`` process group over which the heads are
+            split by vocabulary rows: ``student_weight`` is then this rank's ``[V_local, H]``
+            slice (the teacher's logits or head likewise) and the global loss is returned on
+            every rank; see :func:`csd_ext.parallel.vocab_parallel_fused_linear_csd` and
+            docs/parallel.md.  ``vocab_parallel_reduce_hidden_grad=False`` leaves the
+            hidden-state gradient partial (for sequence-parallel callers).
 
     Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``; the
     teacher inputs (logits or hidden/weight/bias) are constants and get none.  With
@@ -61,6 +69,16 @@ def fused_linear_csd(
     A "mean"/"sum" graph can be backpropagated once only (no retain_graph=True): its
     backward scales the saved gradients in place to avoid a second [V, H] buffer.
     """
+    if vocab_parallel_group is not None:
+        from .parallel.fused import vocab_parallel_fused_linear_csd
+
+        return vocab_parallel_fused_linear_csd(
+            student_hidden, student_weight, teacher_logits, labels, group=vocab_parallel_group,
+            teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, student_bias=student_bias,
+            teacher_bias=teacher_bias, weighting=weighting, alpha=alpha, temperature=temperature,
+            ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+            reduce_hidden_grad=vocab_parallel_reduce_hidden_grad,
+        )
     vocab = check_linear("student", student_hidden, student_weight, student_bias)
     check_teacher(student_hidden, vocab, teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
     check_labels_for_hidden(labels, student_hidden)

@@ -39,6 +39,8 @@ HELP = {
     "lm_coef": "weight of the LM data's CE (with --lm-data)",
     "token_mean": "global: KD/CE token mean over all ranks' tokens | per_rank: each rank's own mean",
     "teacher_sharding": "replicate the teacher on every process, or shard it across them (FSDP2)",
+    "tensor_parallel": "split teacher and student over the processes with transformers' tp_plan, LM heads "
+                       "kept sharded and fed to the vocab-parallel CSD loss (torchrun; docs/parallel.md)",
     "resume": "continue from the newest valid checkpoint in --output-dir",
     "save_every": "write a resumable checkpoint every N optimiser steps (0: none)",
     "teacher_cache": "train from the teacher logits `csd-distill cache-teacher` wrote there; the teacher is not loaded",

@@ -133,6 +133,7 @@ class DistillConfig:
     # --- multi-process runs and checkpoints
     token_mean: str = "global"               # global: token count all-reduced over ranks | per_rank (the paper's)
     teacher_sharding: str = "replicate"      # replicate | shard (FSDP2 across the processes)
+    tensor_parallel: bool = False            # split both models over the processes (transformers tp_plan); docs/parallel.md
     resume: bool = False                     # continue from the newest valid checkpoint in output_dir
     save_total_limit: int = 0                # keep the newest N checkpoints (0: all)
 

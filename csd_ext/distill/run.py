@@ -55,6 +55,10 @@ def generation_items(cfg, tokenizer, eval_items):
 
 def train_from_config(cfg, run_name):
     """Load what ``cfg`` names, train, and return everything evaluation needs."""
+    if cfg.tensor_parallel:
+        from .tensor_parallel import train_from_config_tp
+
+        return train_from_config_tp(cfg, run_name)
     mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
     if cfg.teacher_cache and cfg.kd_ratio > 0:  # the teacher's logits come from disk (teacher_cache.py)
         from .teacher_cache import load_student_and_cache
