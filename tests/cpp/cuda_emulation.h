@@ -40,7 +40,11 @@
 //   one runs next is drawn from a seeded generator at every synchronisation
 //   point (__syncthreads, __syncwarp, a CUB collective, cluster_sync,
 //   cp_async_wait, a thread's exit): blocks and their threads interleave in a
-//   random but reproducible order.  Up to 4 blocks (CSD_EMU_RESIDENT_BLOCKS),
+//   random but reproducible order (a block runs a random subset of its
+//   runnable threads, usually all, before the next block is drawn: a switch
+//   between blocks is a hand-over between host threads).  Fibers switch with
+//   a few instructions on x86-64 (ucontext elsewhere, or with
+//   CSD_EMU_UCONTEXT).  Up to 4 blocks (CSD_EMU_RESIDENT_BLOCKS),
 //   or one cluster if larger, are resident at once; blocks (clusters) start in
 //   a random order.  The seed is drawn from std::random_device once per
 //   process and printed (stderr) on the first launch; CSD_EMU_SEED=<n> fixes it.
