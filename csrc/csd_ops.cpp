@@ -22,6 +22,10 @@
 
 #include "csd_kernel_api.h"
 
+// CSD_OPS_CHECKS_ONLY: only the checks below, without the module and the
+// op schemas (the emulated CUDA ops of the test suite share the checks,
+// tests/cpp/torch_emulated_ops.cpp).
+#ifndef CSD_OPS_CHECKS_ONLY
 // An importable, empty `csd_ext._C` module: loading it runs the static
 // TORCH_LIBRARY registrations below (as in pytorch/extension-cpp).
 extern "C" {
@@ -30,6 +34,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 namespace csd {
 
@@ -106,6 +111,7 @@ void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& stats,
 
 }  // namespace csd
 
+#ifndef CSD_OPS_CHECKS_ONLY
 TORCH_LIBRARY(csd_ext, m) {
   m.def(
       "csd_forward(Tensor student, Tensor teacher, Tensor? row_mask, str weighting, "
@@ -121,3 +127,4 @@ TORCH_LIBRARY(csd_ext, m) {
       "Tensor(a!) grad_student, str weighting, float alpha, float temperature, "
       "float grad_scale) -> ()");
 }
+#endif
