@@ -150,6 +150,64 @@ def use_fused(student: torch.Tensor, teacher: torch.Tensor) -> bool:
     )
 
 
+# Devices whose torch.compile graphs use csd_forward_grad when the student
+# needs a gradient (see `use_fused_compiled`).  On the CPU the compiled graph
+# keeps the op pair: its fused kernel gains little there, and the CPU tests
+# pin that behaviour; tests put "cpu" in here to trace the fused graph.
+COMPILED_FUSED_DEVICES = {"cuda"}
+
+# has_fused_kernel per device type, queried once at import (dynamo cannot
+# trace the dispatcher query; the registrations are complete once _C loads).
+_FUSED_KERNEL_AT_IMPORT = {name: has_fused_kernel(torch.device(name)) for name in ("cpu", "cuda")}
+
+
+def _forward_grad_setup_context(ctx, inputs, output):
+    student, teacher, _row_mask, weighting, alpha, temperature, grad_scale = inputs
+    _loss, stats, grad = output
+    ctx.save_for_backward(student, teacher, stats, grad)
+    ctx.params = (weighting, alpha, temperature)
+    ctx.grad_scale = grad_scale
+    ctx.mark_non_differentiable(stats, grad)
+
+
+def _forward_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
+    """The compiled graph's backward of csd_forward_grad: the gradient the
+    forward wrote is for grad_loss = grad_scale; csd_backward_reuse_
+    recomputes (in place, on the device) only the rows whose grad_loss
+    differs, so a mean or sum backward reads nothing.  In a compiled graph the
+    saved gradient is an intermediate with no other use, so the functionalised
+    in-place op can run in place.  Eager mode uses _FusedCSD instead (it hands
+    the tensor over once, so this rule, which reuses a saved output, is not
+    meant for retain_graph double backwards in eager mode)."""
+    student, teacher, stats, grad = ctx.saved_tensors
+    needs_student, needs_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (needs_student or needs_teacher):
+        return None, None, None, None, None, None, None
+    torch.ops.csd_ext.csd_backward_reuse_(grad_loss, student, teacher, stats, grad, *ctx.params, ctx.grad_scale)
+    grad_student = grad if needs_student else None
+    # d/dt of the stop-gradient objective is the negative of d/dz.
+    grad_teacher = grad.neg().to(teacher.dtype) if needs_teacher else None
+    return grad_student, grad_teacher, None, None, None, None, None
+
+
+torch.library.register_autograd("csd_ext::csd_forward_grad", _forward_grad_backward,
+                                setup_context=_forward_grad_setup_context)
+
+
+def use_fused_compiled(student: torch.Tensor, teacher: torch.Tensor) -> bool:
+    """Under torch.compile, with grad enabled and an input that needs it, on
+    a device in COMPILED_FUSED_DEVICES with a fused kernel: the traced graph
+    calls csd_forward_grad (one kernel: z and t read once, g written once)
+    instead of the csd_forward / csd_backward pair."""
+    return (
+        torch.compiler.is_compiling()
+        and torch.is_grad_enabled()
+        and (student.requires_grad or teacher.requires_grad)
+        and student.device.type in COMPILED_FUSED_DEVICES
+        and _FUSED_KERNEL_AT_IMPORT.get(student.device.type, False)
+    )
+
+
 def compiled_backends() -> tuple:
     """The devices csd_ext was compiled for, e.g. ("cpu",) or ("cpu", "cuda")."""
     has = torch._C._dispatch_has_kernel_for_dispatch_key

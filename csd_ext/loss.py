@@ -96,6 +96,16 @@ def csd_loss(
             count = student.shape[0] if row_mask is None else int(row_mask.sum())
             grad_scale = 1.0 / max(count, 1)
         per_row = _ops.fused_csd(student, teacher, row_mask, weighting, alpha, temperature, grad_scale)
+    elif (_ops.use_fused_compiled(student, teacher) and (reduction != "mean" or row_mask is None)
+          and isinstance(student.shape[0], int)):
+        # Traced: csd_forward_grad with its autograd rule (_ops.py).  The
+        # grad_scale must be a constant of the graph, so a mean over a row
+        # mask (a count known on the device only) or a symbolic row count
+        # keeps the op pair.
+        rows = student.shape[0]
+        grad_scale = 1.0 / max(rows, 1) if reduction == "mean" else 1.0
+        per_row, _stats, _grad = torch.ops.csd_ext.csd_forward_grad(
+            student, teacher, row_mask, weighting, alpha, temperature, grad_scale)
     else:
         per_row, _stats = torch.ops.csd_ext.csd_forward(student, teacher, row_mask, weighting, alpha, temperature)
     return reduce_rows(per_row, row_mask, student_logits.shape[:-1], reduction)
