@@ -53,7 +53,7 @@ inline unsigned cluster_size() { return ::emu::cluster_size(); }
 inline void cluster_sync() { ::emu::cluster_sync(); }
 template <class T>
 inline T* cluster_map(T* smem_ptr, unsigned rank) { return ::emu::cluster_map(smem_ptr, rank); }
-inline unsigned char* dynamic_smem() { return static_cast<unsigned char*>(::emu::dynamic_smem()); }
+inline unsigned char* dynamic_smem() { return static_cast<unsigned char*>(::emu::dynamic_shared_memory()); }
 
 #elif defined(__CUDACC__)
 

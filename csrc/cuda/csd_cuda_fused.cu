@@ -16,16 +16,6 @@ namespace csd {
 namespace gpu {
 namespace {
 
-bool same_alignment(const at::Tensor& student, const at::Tensor& teacher) {
-  // Every row of z and t must reach 16-byte alignment after the same number
-  // of elements (csd_cuda_fused_kernel.cuh keeps one shared-memory offset).
-  const auto zp = reinterpret_cast<uintptr_t>(student.const_data_ptr());
-  const auto tp = reinterpret_cast<uintptr_t>(teacher.const_data_ptr());
-  const int64_t es = int64_t(student.element_size());
-  const int64_t stride_gap = (student.stride(0) - teacher.stride(0)) * es;
-  return (zp % 16) == (tp % 16) && stride_gap % 16 == 0;
-}
-
 template <typename T, unsigned kBases>
 void launch_one(const T* z, const T* t, T* g, const FusedArgs& args, const FusedPlan& plan,
                 cudaStream_t stream) {
@@ -57,28 +47,19 @@ bool launch_fused_forward_grad(const at::Tensor& student, const at::Tensor& teac
     return false;
   }
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (prop->major < 9 || !same_alignment(student, teacher)) return false;
+  if (prop->major < 9 || !fused_alignment_ok(student.const_data_ptr(), teacher.const_data_ptr(), student.stride(0),
+                                             teacher.stride(0), int(student.element_size()))) {
+    return false;
+  }
   const int64_t rows = student.size(0), vocab = student.size(1);
   const FusedPlan plan =
       plan_fused(rows, vocab, int(student.element_size()), prop->multiProcessorCount,
                  size_t(prop->sharedMemPerBlockOptin), size_t(prop->sharedMemPerMultiprocessor));
   if (!plan.fits || plan.blocks > INT_MAX) return false;
 
-  FusedArgs a{};
-  a.rows = rows;
-  a.vocab = vocab;
-  a.zstride = student.stride(0);
-  a.tstride = teacher.stride(0);
-  a.seg_len = plan.seg_len;
-  a.vecs = plan.vecs;
-  a.row_mask = row_mask;
-  a.loss = loss.mutable_data_ptr<float>();
-  a.stats = stats.mutable_data_ptr<float>();
-  a.w1 = cast_mixture<float>(cfg.w1);
-  a.w2 = cast_mixture<float>(cfg.w2);
-  a.need = needs_of(a.w1, a.w2);
-  a.inv_temp = float(cfg.inv_temperature);
-  a.half_scale = float(0.5 * grad_scale);
+  const FusedArgs a = fused_args(rows, vocab, student.stride(0), teacher.stride(0), plan, row_mask,
+                                 loss.mutable_data_ptr<float>(), stats.mutable_data_ptr<float>(), cfg.w1, cfg.w2,
+                                 cfg.inv_temperature, grad_scale);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "csd_forward_grad_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {

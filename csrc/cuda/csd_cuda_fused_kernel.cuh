@@ -469,6 +469,28 @@ __device__ __forceinline__ void fused_row(const T* __restrict__ student, const T
   if (csize > 1) cluster_sync();
 }
 
+// The fused kernel's arguments, from the plan and the op's arguments.
+inline FusedArgs fused_args(int64_t rows, int64_t vocab, int64_t zstride, int64_t tstride, const FusedPlan& plan,
+                            const bool* row_mask, float* loss, float* stats, const Mixture<double>& w1,
+                            const Mixture<double>& w2, double inv_temperature, double grad_scale) {
+  FusedArgs a{};
+  a.rows = rows;
+  a.vocab = vocab;
+  a.zstride = zstride;
+  a.tstride = tstride;
+  a.seg_len = plan.seg_len;
+  a.vecs = plan.vecs;
+  a.row_mask = row_mask;
+  a.loss = loss;
+  a.stats = stats;
+  a.w1 = cast_mixture<float>(w1);
+  a.w2 = cast_mixture<float>(w2);
+  a.need = needs_of(a.w1, a.w2);
+  a.inv_temp = float(inv_temperature);
+  a.half_scale = float(0.5 * grad_scale);
+  return a;
+}
+
 template <typename T, unsigned kBases>
 __global__ void __launch_bounds__(kFusedThreads, 2)
     csd_fused_kernel(const T* __restrict__ student, const T* __restrict__ teacher, T* __restrict__ grad,

@@ -45,13 +45,23 @@ struct FusedPlan {
   int blocks_per_sm;  // resident blocks per SM by shared memory and threads
 };
 
+// Whether every row of z and t reaches 16-byte alignment after the same
+// number of elements (the kernel keeps one shared-memory offset per row):
+// the base addresses agree mod 16, and so do the row strides in bytes.
+inline bool fused_alignment_ok(const void* z, const void* t, int64_t zstride, int64_t tstride,
+                               int elem_bytes) {
+  const auto zp = reinterpret_cast<uintptr_t>(z), tp = reinterpret_cast<uintptr_t>(t);
+  return zp % 16 == tp % 16 && ((zstride - tstride) * elem_bytes) % 16 == 0;
+}
+
 inline int64_t fused_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // elem_bytes: bytes per logit (2 for bf16/fp16, 4 for fp32), the same for
 // student and teacher.  smem_per_block: the opt-in maximum per block;
 // smem_per_sm: per multiprocessor (cudaDeviceProp).
+// min_cluster (a power of two <= 8; tests) raises the smallest cluster tried.
 inline FusedPlan plan_fused(int64_t rows, int64_t vocab, int elem_bytes, int sm_count,
-                            size_t smem_per_block, size_t smem_per_sm) {
+                            size_t smem_per_block, size_t smem_per_sm, int min_cluster = 1) {
   const int64_t W = 16 / elem_bytes;
   auto make = [&](int c) {
     FusedPlan p{};
@@ -69,11 +79,11 @@ inline FusedPlan plan_fused(int64_t rows, int64_t vocab, int elem_bytes, int sm_
   };
   FusedPlan best{};
   best.fits = false;
-  for (int c = 1; c <= kFusedMaxCluster && !best.fits; c *= 2) {
+  for (int c = min_cluster; c <= kFusedMaxCluster && !best.fits; c *= 2) {
     const FusedPlan p = make(c);
     if (p.fits && p.blocks_per_sm >= 2) best = p;
   }
-  for (int c = 1; c <= kFusedMaxCluster && !best.fits; c *= 2) {
+  for (int c = min_cluster; c <= kFusedMaxCluster && !best.fits; c *= 2) {
     const FusedPlan p = make(c);
     if (p.fits) best = p;
   }
