@@ -71,6 +71,7 @@ struct FusedArgs {
   Needs need;
   float inv_temp;
   float half_scale;          // 1/2 * grad_scale: the gradient is for grad_loss = grad_scale
+  const float* grad_scale;   // or, when not null, grad_scale read on the device (no host sync)
 };
 
 constexpr int kFusedNV = 6;
@@ -428,7 +429,8 @@ __device__ __forceinline__ void fused_row(const T* __restrict__ student, const T
   const Moments<float> mu = fused_moments(need.u, 0.f, count, r.mean_u, 0.f);
   // The means do not depend on the second moments: E_w1 d, E_w2 d now.
   const RowResult<float> means = finalize_row(ms, mt, mu, a.w1, a.w2);
-  r.coeffs = grad_coeffs(a.w1, a.w2, means.mean1, means.mean2, means.inv_count, a.half_scale);
+  const float half_scale = a.grad_scale != nullptr ? 0.5f * *a.grad_scale : a.half_scale;
+  r.coeffs = grad_coeffs(a.w1, a.w2, means.mean1, means.mean2, means.inv_count, half_scale);
 
   // Step 3: the gradient (written once) and the centred second moments.
   FusedM2 m2{0.f, 0.f, 0.f};
@@ -472,7 +474,8 @@ __device__ __forceinline__ void fused_row(const T* __restrict__ student, const T
 // The fused kernel's arguments, from the plan and the op's arguments.
 inline FusedArgs fused_args(int64_t rows, int64_t vocab, int64_t zstride, int64_t tstride, const FusedPlan& plan,
                             const bool* row_mask, float* loss, float* stats, const Mixture<double>& w1,
-                            const Mixture<double>& w2, double inv_temperature, double grad_scale) {
+                            const Mixture<double>& w2, double inv_temperature, double grad_scale,
+                            const float* grad_scale_on_device = nullptr) {
   FusedArgs a{};
   a.rows = rows;
   a.vocab = vocab;
@@ -488,6 +491,7 @@ inline FusedArgs fused_args(int64_t rows, int64_t vocab, int64_t zstride, int64_
   a.need = needs_of(a.w1, a.w2);
   a.inv_temp = float(inv_temperature);
   a.half_scale = float(0.5 * grad_scale);
+  a.grad_scale = grad_scale_on_device;
   return a;
 }
 
@@ -503,16 +507,18 @@ __global__ void __launch_bounds__(kFusedThreads, 2)
 // csd_backward_reuse_: the gradient csd_forward_grad wrote is for grad_loss
 // = grad_scale on every row; a row whose grad_loss differs is recomputed
 // from the saved statistics (the backward kernel's code), the others are
-// left alone without reading anything.
+// left alone without reading anything.  grad_scale_on_device, when not
+// null, replaces grad_scale_value (csd_backward_reuse_scaled_).
 template <typename zs_t, typename ts_t, typename acc_t, unsigned kBases>
 __global__ void __launch_bounds__(kThreads)
     csd_backward_reuse_kernel(zs_t* __restrict__ grad, const zs_t* __restrict__ student,
                               const ts_t* __restrict__ teacher, const BackwardArgs<acc_t> a,
-                              const acc_t grad_scale) {
+                              const acc_t grad_scale_value, const acc_t* grad_scale_on_device) {
   const int lane = int(threadIdx.x) % a.group;
   const int64_t item = int64_t(blockIdx.x) * (kThreads / a.group) + int(threadIdx.x) / a.group;
   if (item >= a.rows * a.segs) return;
   const int64_t row = item / a.segs;
+  const acc_t grad_scale = grad_scale_on_device != nullptr ? *grad_scale_on_device : grad_scale_value;
   if (a.grad_loss[row * a.grad_loss_stride] == grad_scale) return;
   const int64_t seg = item - row * a.segs;
   const int64_t begin = seg * a.seg_len;

@@ -33,14 +33,14 @@ bool emulated_fused_forward_grad(const T* z, int64_t zstride, const T* t, int64_
                                  int64_t vocab, const bool* row_mask, const Mixture<double>& w1,
                                  const Mixture<double>& w2, double inv_temp, double grad_scale, float* loss,
                                  float* stats, T* grad, int sms, const EmulatedSmem& smem = {},
-                                 FusedPlan* used = nullptr) {
+                                 FusedPlan* used = nullptr, const float* grad_scale_on_device = nullptr) {
   if (!fused_alignment_ok(z, t, zstride, tstride, int(sizeof(T)))) return false;
   const FusedPlan plan =
       plan_fused(rows, vocab, int(sizeof(T)), sms, smem.per_block, smem.per_sm, smem.min_cluster);
   if (!plan.fits) return false;
   if (used != nullptr) *used = plan;
   const FusedArgs a = fused_args(rows, vocab, zstride, tstride, plan, row_mask, loss, stats, w1, w2, inv_temp,
-                                 grad_scale);
+                                 grad_scale, grad_scale_on_device);
   with_variant<T, T, float>(a.need, [&](auto variant) {
     emu::launch_cluster(plan.blocks, kFusedThreads, plan.cluster, plan.smem_bytes,
                         csd_fused_kernel<T, decltype(variant)::value>, z, t, grad, a);
@@ -54,13 +54,13 @@ template <typename zs_t, typename ts_t, typename acc_t>
 void emulated_backward_reuse(zs_t* grad, const zs_t* z, int64_t zstride, const ts_t* t, int64_t tstride,
                              int64_t rows, int64_t vocab, const acc_t* grad_loss, int64_t grad_loss_stride,
                              const acc_t* stats, const Mixture<double>& w1, const Mixture<double>& w2,
-                             double inv_temp, double grad_scale) {
+                             double inv_temp, double grad_scale, const acc_t* grad_scale_on_device = nullptr) {
   const LaunchPlan plan = plan_backward(rows, vocab);
   const BackwardArgs<acc_t> a = backward_args<acc_t>(rows, vocab, zstride, tstride, plan, grad_loss,
                                                      grad_loss_stride, stats, w1, w2, inv_temp);
   with_variant<zs_t, ts_t, acc_t>(a.need, [&](auto variant) {
     emu::launch(plan.blocks, kThreads, csd_backward_reuse_kernel<zs_t, ts_t, acc_t, decltype(variant)::value>,
-                grad, z, t, a, acc_t(grad_scale));
+                grad, z, t, a, acc_t(grad_scale), grad_scale_on_device);
   });
 }
 

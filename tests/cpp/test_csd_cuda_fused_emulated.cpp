@@ -254,6 +254,37 @@ TEST_CASE(clusters_of_two_to_eight_blocks) {
   run_all<Bf16>({2, 40000, "SS", 1.0, 0, 0, false, 1, 8}, "bf16");
 }
 
+// grad_scale read on the device (the *_scaled ops) gives exactly the
+// gradient of the same grad_scale passed by value, and so does the reuse.
+TEST_CASE(grad_scale_read_on_the_device) {
+  const int rows = 3, vocab = 3000;
+  std::vector<Bf16> z(size_t(rows) * vocab), t(size_t(rows) * vocab);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.f, 2.f);
+  for (size_t i = 0; i < z.size(); ++i) {
+    z[i] = Bf16(normal(rng));
+    t[i] = Bf16(normal(rng));
+  }
+  const Mixture<double> s = mixture_of<double>('S', 0.5), tm = mixture_of<double>('T', 0.5);
+  std::vector<float> loss_a(rows), loss_b(rows), stats_a(rows * kNumStats), stats_b(rows * kNumStats);
+  std::vector<Bf16> ga(z.size()), gb(z.size());
+  const float on_device = 0.3f;
+  EmulatedSmem smem;
+  smem.min_cluster = 2;
+  REQUIRE(emulated_fused_forward_grad(z.data(), vocab, t.data(), vocab, rows, vocab, nullptr, tm, s, 1.0,
+                                      double(on_device), loss_a.data(), stats_a.data(), ga.data(), kSms, smem));
+  REQUIRE(emulated_fused_forward_grad(z.data(), vocab, t.data(), vocab, rows, vocab, nullptr, tm, s, 1.0, 99.0,
+                                      loss_b.data(), stats_b.data(), gb.data(), kSms, smem, nullptr, &on_device));
+  for (size_t i = 0; i < ga.size(); ++i) REQUIRE(ga[i].bits == gb[i].bits);
+  for (int r = 0; r < rows; ++r) REQUIRE(loss_a[size_t(r)] == loss_b[size_t(r)]);
+  const std::vector<float> grad_loss{on_device, 2 * on_device, on_device};
+  emulated_backward_reuse(ga.data(), z.data(), vocab, t.data(), vocab, rows, vocab, grad_loss.data(), 1,
+                          stats_a.data(), tm, s, 1.0, double(on_device));
+  emulated_backward_reuse(gb.data(), z.data(), vocab, t.data(), vocab, rows, vocab, grad_loss.data(), 1,
+                          stats_b.data(), tm, s, 1.0, 99.0, &on_device);
+  for (size_t i = 0; i < ga.size(); ++i) REQUIRE(ga[i].bits == gb[i].bits);
+}
+
 }  // namespace
 
 int main() {
