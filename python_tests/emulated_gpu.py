@@ -50,6 +50,10 @@ def load_emulated_ops():
     # rounds like the GPU, not like an FMA-free build.
     fma = ["-mfma", "-ffp-contract=fast"] if _cpu_has_fma() else []
     flags = ["-O2", "-pthread", *fma]
+    # CSD_EMULATED_PLANTED_BUG=cluster_reduce builds the kernels with the fused
+    # kernel's planted cluster-reduction bug (the suite must then fail).
+    if os.environ.get("CSD_EMULATED_PLANTED_BUG") == "cluster_reduce":
+        flags.append("-DCSD_PLANTED_BUG_CLUSTER_REDUCE")
     # torch's JIT build notices changes of the .cpp only, and of the flags only
     # within one process; the kernels are in headers.  So the build directory
     # is named after the flags and every header.
@@ -101,18 +105,33 @@ class EmulatedGpu:
         def forward_grad(student, teacher, row_mask, weighting, alpha, temperature, grad_scale):
             self.launches += 1
             self.calls["forward_grad"] = self.calls.get("forward_grad", 0) + 1
-            return ops.forward_grad(student, teacher, row_mask, weighting, alpha, temperature, grad_scale, sms)
+            return ops.forward_grad(student, teacher, row_mask, weighting, alpha, temperature, grad_scale, sms, None)
 
         def backward_reuse_(grad_loss, student, teacher, stats, grad, weighting, alpha, temperature, grad_scale):
             self.launches += 1
             self.calls["backward_reuse_"] = self.calls.get("backward_reuse_", 0) + 1
-            ops.backward_reuse_(grad_loss, student, teacher, stats, grad, weighting, alpha, temperature, grad_scale)
+            ops.backward_reuse_(grad_loss, student, teacher, stats, grad, weighting, alpha, temperature, grad_scale,
+                                None)
+
+        def forward_grad_scaled(student, teacher, row_mask, weighting, alpha, temperature, grad_scale):
+            self.launches += 1
+            self.calls["forward_grad"] = self.calls.get("forward_grad", 0) + 1
+            return ops.forward_grad(student, teacher, row_mask, weighting, alpha, temperature, 1.0, sms, grad_scale)
+
+        def backward_reuse_scaled_(grad_loss, student, teacher, stats, grad, weighting, alpha, temperature,
+                                   grad_scale):
+            self.launches += 1
+            self.calls["backward_reuse_"] = self.calls.get("backward_reuse_", 0) + 1
+            ops.backward_reuse_(grad_loss, student, teacher, stats, grad, weighting, alpha, temperature, 1.0,
+                                grad_scale)
 
         with _quiet_override_warning():
             lib.impl("csd_forward", forward, "CPU")
             lib.impl("csd_backward", backward, "CPU")
             lib.impl("csd_forward_grad", forward_grad, "CPU")
             lib.impl("csd_backward_reuse_", backward_reuse_, "CPU")
+            lib.impl("csd_forward_grad_scaled", forward_grad_scaled, "CPU")
+            lib.impl("csd_backward_reuse_scaled_", backward_reuse_scaled_, "CPU")
         self._lib = lib
         # Eager training takes the fused pair (csd_forward_grad), as on a GPU:
         # it now reaches the emulated fused kernel.

@@ -41,7 +41,8 @@ void launch_one(const T* z, const T* t, T* g, const FusedArgs& args, const Fused
 
 bool launch_fused_forward_grad(const at::Tensor& student, const at::Tensor& teacher,
                                const bool* row_mask, const LossConfig& cfg, double grad_scale,
-                               at::Tensor& loss, at::Tensor& stats, at::Tensor& grad) {
+                               const at::Tensor& scale, at::Tensor& loss, at::Tensor& stats,
+                               at::Tensor& grad) {
   const auto type = student.scalar_type();
   if (type != teacher.scalar_type() || !(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf)) {
     return false;
@@ -59,7 +60,8 @@ bool launch_fused_forward_grad(const at::Tensor& student, const at::Tensor& teac
 
   const FusedArgs a = fused_args(rows, vocab, student.stride(0), teacher.stride(0), plan, row_mask,
                                  loss.mutable_data_ptr<float>(), stats.mutable_data_ptr<float>(), cfg.w1, cfg.w2,
-                                 cfg.inv_temperature, grad_scale);
+                                 cfg.inv_temperature, grad_scale,
+                                 scale.defined() ? scale.const_data_ptr<float>() : nullptr);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "csd_forward_grad_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -76,7 +78,7 @@ bool launch_fused_forward_grad(const at::Tensor& student, const at::Tensor& teac
 
 void launch_backward_reuse(const at::Tensor& grad_loss, const at::Tensor& student,
                            const at::Tensor& teacher, const at::Tensor& stats, const LossConfig& cfg,
-                           double grad_scale, at::Tensor& grad) {
+                           double grad_scale, const at::Tensor& scale, at::Tensor& grad) {
   const int64_t rows = student.size(0), vocab = student.size(1);
   const LaunchPlan plan = plan_backward(rows, vocab);
   TORCH_CHECK(plan.blocks > 0 && plan.blocks <= INT_MAX,
@@ -90,7 +92,8 @@ void launch_backward_reuse(const at::Tensor& grad_loss, const at::Tensor& studen
       csd_backward_reuse_kernel<zs_t, ts_t, acc_t, decltype(variant)::value>
           <<<static_cast<unsigned int>(plan.blocks), kThreads, 0, stream>>>(
               grad.mutable_data_ptr<zs_t>(), student.const_data_ptr<zs_t>(),
-              teacher.const_data_ptr<ts_t>(), a, acc_t(grad_scale));
+              teacher.const_data_ptr<ts_t>(), a, acc_t(grad_scale),
+              scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -6,14 +6,15 @@
 //   csd_emulated::backward(grad_loss, student, teacher, stats, weighting, alpha, temperature)
 //       -> grad_student         as csd_ext::csd_backward
 //   csd_emulated::forward_grad(student, teacher, row_mask?, weighting, alpha, temperature,
-//                              grad_scale, sm_count) -> (loss, stats, grad_student)
+//                              grad_scale, sm_count, scale?) -> (loss, stats, grad_student)
 //       as csd_ext::csd_forward_grad on an sm_90 GPU: the fused kernel where
 //       it applies (emulated_fused_launch.h), else the two-pass kernels; the
 //       environment variable CSD_EXT_CUDA_PATH=two_pass chooses those, as on
 //       the GPU
 //   csd_emulated::backward_reuse_(grad_loss, student, teacher, stats, grad(a!), weighting,
-//                                 alpha, temperature, grad_scale) -> ()
-//       as csd_ext::csd_backward_reuse_
+//                                 alpha, temperature, grad_scale, scale?) -> ()
+//       as csd_ext::csd_backward_reuse_; with `scale` (a one-element tensor, read
+//       by the kernels) as the *_scaled ops
 //
 // python_tests/emulated_gpu.py builds this file with torch.utils.cpp_extension
 // and routes csd_ext's ops to it, so the GPU suite (python_tests/gpu_suite.py)
@@ -122,7 +123,8 @@ bool fused_path_requested() {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_forward_grad_op(
     const at::Tensor& student_in, const at::Tensor& teacher_in, const std::optional<at::Tensor>& row_mask_in,
-    c10::string_view weighting, double alpha, double temperature, double grad_scale, int64_t sm_count) {
+    c10::string_view weighting, double alpha, double temperature, double grad_scale, int64_t sm_count,
+    const std::optional<at::Tensor>& scale_in) {
   TORCH_CHECK(student_in.dim() == 2 && teacher_in.sizes() == student_in.sizes(),
               "csd_emulated::forward_grad takes [N, V] student and teacher logits of one shape");
   const Config cfg = config_of(weighting, alpha, temperature);
@@ -137,6 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_forward_grad_op(
   at::Tensor row_mask;
   if (row_mask_in.has_value()) row_mask = row_mask_in->contiguous();
   const bool* mask = row_mask.defined() ? row_mask.const_data_ptr<bool>() : nullptr;
+  at::Tensor scale;
+  if (scale_in.has_value()) scale = scale_in->reshape({1}).to(opts.dtype()).contiguous();
   bool fused = false;
   const auto type = student.scalar_type();
   if (fused_path_requested() && type == teacher.scalar_type() &&
@@ -147,13 +151,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_forward_grad_op(
             student.const_data_ptr<scalar_t>(), student.stride(0), teacher.const_data_ptr<scalar_t>(),
             teacher.stride(0), rows, vocab, mask, cfg.w1, cfg.w2, cfg.inv_temp, grad_scale,
             loss.mutable_data_ptr<float>(), stats.mutable_data_ptr<float>(), grad.mutable_data_ptr<scalar_t>(),
-            int(sm_count));
+            int(sm_count), csd::gpu::EmulatedSmem{}, nullptr,
+            scale.defined() ? scale.const_data_ptr<float>() : nullptr);
       }
     });
   }
   if (fused) return {loss, stats, grad};
   // The two-pass kernels, with grad_loss = grad_scale as a broadcast scalar.
-  const at::Tensor scale = at::full({1}, grad_scale, opts);
+  if (!scale.defined()) scale = at::full({1}, grad_scale, opts);
   CSD_CUDA_DISPATCH_PAIR(student.scalar_type(), teacher.scalar_type(), "csd_emulated_forward_grad", [&] {
     csd::gpu::emulated_forward(student.const_data_ptr<zs_t>(), student.stride(0), teacher.const_data_ptr<ts_t>(),
                                teacher.stride(0), rows, vocab, mask, cfg.w1, cfg.w2, cfg.inv_temp,
@@ -168,7 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_forward_grad_op(
 
 void emulated_backward_reuse_op(const at::Tensor& grad_loss_in, const at::Tensor& student_in,
                                 const at::Tensor& teacher_in, const at::Tensor& stats_in, const at::Tensor& grad,
-                                c10::string_view weighting, double alpha, double temperature, double grad_scale) {
+                                c10::string_view weighting, double alpha, double temperature, double grad_scale,
+                                const std::optional<at::Tensor>& scale_in) {
   const Config cfg = config_of(weighting, alpha, temperature);
   const at::Tensor student = with_contiguous_rows(student_in);
   const at::Tensor teacher = with_contiguous_rows(teacher_in);
@@ -178,12 +184,15 @@ void emulated_backward_reuse_op(const at::Tensor& grad_loss_in, const at::Tensor
   TORCH_CHECK(grad.is_contiguous() && grad.sizes() == student.sizes() && grad.scalar_type() == student.scalar_type(),
               "csd_emulated::backward_reuse_ takes the contiguous gradient forward_grad returned");
   if (student.size(0) == 0) return;
+  at::Tensor scale;
+  if (scale_in.has_value()) scale = scale_in->reshape({1}).to(acc).contiguous();
   CSD_CUDA_DISPATCH_PAIR(student.scalar_type(), teacher.scalar_type(), "csd_emulated_backward_reuse", [&] {
     csd::gpu::emulated_backward_reuse(grad.mutable_data_ptr<zs_t>(), student.const_data_ptr<zs_t>(),
                                       student.stride(0), teacher.const_data_ptr<ts_t>(), teacher.stride(0),
                                       student.size(0), student.size(1), grad_loss.const_data_ptr<acc_t>(),
                                       grad_loss.stride(0), stats.const_data_ptr<acc_t>(), cfg.w1, cfg.w2,
-                                      cfg.inv_temp, grad_scale);
+                                      cfg.inv_temp, grad_scale,
+                                      scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr);
   });
 }
 
@@ -195,9 +204,9 @@ TORCH_LIBRARY(csd_emulated, m) {
   m.def("backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, str weighting, "
         "float alpha, float temperature) -> Tensor");
   m.def("forward_grad(Tensor student, Tensor teacher, Tensor? row_mask, str weighting, float alpha, "
-        "float temperature, float grad_scale, int sm_count) -> (Tensor, Tensor, Tensor)");
+        "float temperature, float grad_scale, int sm_count, Tensor? scale) -> (Tensor, Tensor, Tensor)");
   m.def("backward_reuse_(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, Tensor(a!) grad, "
-        "str weighting, float alpha, float temperature, float grad_scale) -> ()");
+        "str weighting, float alpha, float temperature, float grad_scale, Tensor? scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(csd_emulated, CPU, m) {
