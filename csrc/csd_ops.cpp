@@ -26,6 +26,10 @@
 
 #include "csd_kernel_api.h"
 
+// CSD_OPS_CHECKS_ONLY: only the checks below, without the module and the
+// op schemas (the emulated CUDA ops of the test suite share the checks,
+// tests/cpp/torch_emulated_ops.cpp).
+#ifndef CSD_OPS_CHECKS_ONLY
 // An importable, empty `csd_ext._C` module: loading it runs the static
 // TORCH_LIBRARY registrations below (as in pytorch/extension-cpp).
 extern "C" {
@@ -34,6 +38,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 namespace csd {
 
@@ -110,6 +115,7 @@ void check_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& stats,
 
 }  // namespace csd
 
+#ifndef CSD_OPS_CHECKS_ONLY
 TORCH_LIBRARY(csd_ext, m) {
   m.def(
       "csd_forward(Tensor student, Tensor teacher, Tensor? row_mask, str weighting, "
@@ -132,3 +138,4 @@ TORCH_LIBRARY(csd_ext, m) {
       "Tensor(a!) grad_student, str weighting, float alpha, float temperature, "
       "Tensor grad_scale) -> ()");
 }
+#endif

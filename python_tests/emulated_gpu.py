@@ -1,9 +1,13 @@
 """csd_ext's CUDA kernels on the CPU, for the GPU suite in CI (no GPU there).
 
 `load_emulated_ops()` builds tests/cpp/torch_emulated_ops.cpp: torch ops
-that run the CUDA kernels' own source under tests/cpp/cuda_emulation.h (a
-thread per GPU thread, CUB's reduction order, the GPU's ``ex2.approx`` error
-bound for ``exp_fast``) with the real launchers' plans.  `EmulatedGpu`
+that run the CUDA kernels' own source under the strict emulation of
+tests/cpp/cuda_emulation.h (a fiber per GPU thread, blocks interleaved in a
+seeded random order, CUB's reduction order without its result's barrier,
+aborts on misaligned vector accesses, the GPU's ``ex2.approx`` error bound
+for ``exp_fast``) with the real ops' checks and launchers' host code
+(csrc/cuda/csd_cuda_ops.h, csd_cuda_host.h).  The emulation prints its seed
+to stderr; CSD_EMU_SEED=<n> replays a schedule.  `EmulatedGpu`
 routes csd_ext's ops for CPU tensors to them, as a GPU would run them:
 
     with EmulatedGpu() as gpu:
@@ -11,8 +15,9 @@ routes csd_ext's ops for CPU tensors to them, as a GPU would run them:
         with gpu.cpu_kernel():
             csd_loss(z, t)           # the real CPU kernel
 
-What this cannot show: the real compiler's code generation, data races and
-the memory model, and speed.  Those need a GPU (scripts/gpu_check.sh).
+What this cannot show: the real compiler's code generation, races between
+two synchronisation points, the memory model, and speed.  Those need a GPU
+(scripts/gpu_check.sh).
 """
 
 import contextlib
@@ -28,6 +33,8 @@ import csd_ext._ops as csd_ops
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SOURCE = REPO_ROOT / "tests" / "cpp" / "torch_emulated_ops.cpp"
+# The real ops' argument checks, built without the module and the schemas.
+CHECKS_SOURCE = REPO_ROOT / "csrc" / "csd_ops.cpp"
 H200_SM_COUNT = 132  # the SM count the emulated launches plan for (split rows below 2 x SMs)
 
 
@@ -39,17 +46,29 @@ def _cpu_has_fma():
 
 
 @functools.lru_cache(maxsize=None)
+def emulation_seed():
+    """The seed of the emulation's schedules (block order and interleaving) in
+    this process: CSD_EMU_SEED if set, else a random one, put into the
+    environment before the emulation's first launch reads it.  The same seed
+    with the same command replays the same schedules."""
+    if "CSD_EMU_SEED" not in os.environ:
+        os.environ["CSD_EMU_SEED"] = str(int.from_bytes(os.urandom(8), "little"))
+    return int(os.environ["CSD_EMU_SEED"], 0)
+
+
+@functools.lru_cache(maxsize=None)
 def load_emulated_ops():
     """Builds (once per build directory and source version) and loads the ops
     csd_emulated::forward / backward / forward_grad / backward_reuse_."""
     from torch.utils.cpp_extension import load
 
+    emulation_seed()
     # nvcc contracts a*b+c into one fused multiply-add.  With -mfma and
     # -ffp-contract=fast (off by default under -std=c++20) GCC does the same,
     # at -O2 (its contraction pass does not run at -O1), so the emulation
     # rounds like the GPU, not like an FMA-free build.
     fma = ["-mfma", "-ffp-contract=fast"] if _cpu_has_fma() else []
-    flags = ["-O2", "-pthread", *fma]
+    flags = ["-O2", "-pthread", "-DCSD_OPS_CHECKS_ONLY", *fma]
     # CSD_EMULATED_PLANTED_BUG=cluster_reduce builds the kernels with the fused
     # kernel's planted cluster-reduction bug (the suite must then fail).
     if os.environ.get("CSD_EMULATED_PLANTED_BUG") == "cluster_reduce":
@@ -58,14 +77,14 @@ def load_emulated_ops():
     # within one process; the kernels are in headers.  So the build directory
     # is named after the flags and every header.
     digest = hashlib.sha256(" ".join(flags).encode())
-    for path in sorted([SOURCE, *(REPO_ROOT / "csrc").rglob("*.h"), *(REPO_ROOT / "csrc").rglob("*.cuh"),
-                        *(REPO_ROOT / "tests" / "cpp").glob("*.h")]):
+    for path in sorted([SOURCE, CHECKS_SOURCE, *(REPO_ROOT / "csrc").rglob("*.h"),
+                        *(REPO_ROOT / "csrc").rglob("*.cuh"), *(REPO_ROOT / "tests" / "cpp").glob("*.h")]):
         digest.update(path.read_bytes())
     root = Path(os.environ.get("CSD_EMULATED_OPS_BUILD", REPO_ROOT / "build" / "emulated_ops"))
     build_dir = root / digest.hexdigest()[:16]
     build_dir.mkdir(parents=True, exist_ok=True)
-    load(name="csd_emulated_ops", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-pthread"],
-         build_directory=str(build_dir), is_python_module=False, verbose=False)
+    load(name="csd_emulated_ops", sources=[str(SOURCE), str(CHECKS_SOURCE)], extra_cflags=flags,
+         extra_ldflags=["-pthread"], build_directory=str(build_dir), is_python_module=False, verbose=False)
     return torch.ops.csd_emulated
 
 

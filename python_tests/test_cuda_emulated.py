@@ -3,14 +3,26 @@ the CPU under an emulation of the CUDA execution model (emulated_gpu.py), so
 that CI, which has no GPU, checks the kernels' results, their launch paths
 (a warp per row, a block per row, split rows) and the suite's own tolerances.
 
-The first run builds the emulated ops (about 20 s).  Tests about the device
+The first run builds the emulated ops (about 20 s).  The emulation's
+schedules are random per run; a failing test's report shows the seed
+(CSD_EMU_SEED) that replays them.  Tests about the device
 itself skip here with the reason; test_cuda.py runs them on a real GPU.
 """
 
+import sys
+
 import pytest
 
-from emulated_gpu import EmulatedGpu
+from emulated_gpu import EmulatedGpu, emulation_seed
 from gpu_suite import *  # noqa: F401,F403  (the tests)
+
+
+@pytest.fixture(autouse=True)
+def _report_emulation_seed():
+    """Every failing test's report shows the seed that replays its schedules
+    (blocks and threads interleave in a seeded random order)."""
+    seed = emulation_seed()
+    sys.stderr.write(f"cuda_emulation: seed {seed}; CSD_EMU_SEED={seed} with the same command replays it\n")
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +92,27 @@ def test_eager_training_takes_the_fused_kernel(gpu, monkeypatch):
     with torch.no_grad():
         csd_loss(z, t)
     assert gpu.calls.get("forward", 0) == before.get("forward", 0) + 1
+
+
+def test_the_emulated_ops_reject_what_the_real_ops_reject(gpu):
+    """The emulated ops share the real CUDA ops' checks (csrc/cuda/csd_cuda_ops.h
+    with csd_ops.cpp's checks): stats that are not the contiguous tensor of the
+    accumulation dtype that csd_forward returned are refused, not converted."""
+    import torch
+
+    from csd_testing import make_logits
+
+    z, t = make_logits((4, 300), seed=5)
+    before = gpu.launches
+    _, stats = torch.ops.csd_ext.csd_forward(z, t, None, "TS", 0.5, 1.0)
+    assert gpu.launches == before + 1
+    g = torch.ones(4)
+    for bad in (stats.double(), stats.t().contiguous().t(), stats[:, :-1]):
+        with pytest.raises(ValueError, match="stats must be the contiguous"):
+            torch.ops.csd_ext.csd_backward(g, z, t, bad, "TS", 0.5, 1.0)
+    with pytest.raises(TypeError, match="row_mask must be a bool"):
+        torch.ops.csd_ext.csd_forward(z, t, torch.ones(4), "TS", 0.5, 1.0)
+    with pytest.raises(ValueError, match="temperature must be"):
+        torch.ops.csd_ext.csd_forward(z, t, None, "TS", 0.5, 0.0)
+    # Each refusal came from the emulated op itself (the routing counts its calls).
+    assert gpu.launches == before + 6

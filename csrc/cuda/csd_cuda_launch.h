@@ -15,6 +15,9 @@ namespace gpu {
 void launch_forward(const at::Tensor& student, const at::Tensor& teacher, const bool* row_mask,
                     const LossConfig& cfg, at::Tensor& loss, at::Tensor& stats);
 
+// blocks as a grid size, after checking it fits one launch (op names the op in the error).
+unsigned int grid_size(int64_t blocks, const char* op);
+
 void launch_backward(const at::Tensor& grad_loss, const at::Tensor& student,
                      const at::Tensor& teacher, const at::Tensor& stats, const LossConfig& cfg,
                      at::Tensor& grad);

@@ -40,7 +40,11 @@
 //   one runs next is drawn from a seeded generator at every synchronisation
 //   point (__syncthreads, __syncwarp, a CUB collective, cluster_sync,
 //   cp_async_wait, a thread's exit): blocks and their threads interleave in a
-//   random but reproducible order.  Up to 4 blocks (CSD_EMU_RESIDENT_BLOCKS),
+//   random but reproducible order (a block runs a random subset of its
+//   runnable threads, usually all, before the next block is drawn: a switch
+//   between blocks is a hand-over between host threads).  Fibers switch with
+//   a few instructions on x86-64 (ucontext elsewhere, or with
+//   CSD_EMU_UCONTEXT).  Up to 4 blocks (CSD_EMU_RESIDENT_BLOCKS),
 //   or one cluster if larger, are resident at once; blocks (clusters) start in
 //   a random order.  The seed is drawn from std::random_device once per
 //   process and printed (stderr) on the first launch; CSD_EMU_SEED=<n> fixes it.
@@ -98,13 +102,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <cxxabi.h>
-#include <deque>
 #include <functional>
 #include <latch>
 #include <memory>
 #include <mutex>
 #include <random>
-#include <semaphore>
+#include <condition_variable>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -113,6 +116,7 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define CSD_EMU_ASAN 1
 #endif
@@ -125,7 +129,49 @@
 #define __shared__ thread_local
 #define __align__(n) alignas(n)
 
+// Fiber switches: a few instructions on x86-64 (callee-saved registers and
+// the stack pointer; no signal mask, unlike swapcontext's two system calls
+// per switch), ucontext elsewhere or with CSD_EMU_UCONTEXT.
+#if defined(__x86_64__) && !defined(CSD_EMU_UCONTEXT)
+#define CSD_EMU_ASM_SWITCH 1
+// csd_emu_switch(&save_sp, next_sp): saves rbp, rbx, r12-r15 on the current
+// stack, stores its stack pointer in save_sp, and resumes next_sp's.  Weak:
+// the header may be in several translation units.
+asm(R"(
+  .pushsection .text
+  .weak csd_emu_switch
+  .type csd_emu_switch, @function
+csd_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size csd_emu_switch, .-csd_emu_switch
+  .popsection
+)");
+extern "C" void csd_emu_switch(void** save_sp, void* next_sp);
+#endif
+
 namespace emu {
+
+#ifdef CSD_EMU_ASM_SWITCH
+struct Context {
+  void* sp = nullptr;
+};
+#else
+using Context = ucontext_t;
+#endif
 
 struct Dim3 {
   unsigned int x = 0, y = 0, z = 0;
@@ -141,19 +187,43 @@ struct Block;
 struct Worker;
 struct Launch;
 
+// A host thread's turn: a flag behind a mutex and a condition variable, so a
+// waiting thread sleeps (libstdc++'s semaphores spin on sched_yield first,
+// which a loaded machine pays for).
+class Turn {
+ public:
+  void give() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ready_ = true;
+    }
+    cv_.notify_one();
+  }
+  void take() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return ready_; });
+    ready_ = false;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool ready_ = false;
+};
+
 struct AsyncCopy {
   void* dst;
   unsigned char data[16];
 };
 
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   void* stack = nullptr;  // lowest usable address
   Block* block = nullptr;
   int tid = 0;
   bool done = false;
   std::vector<AsyncCopy> open_group;
-  std::deque<std::vector<AsyncCopy>> committed;
+  std::vector<std::vector<AsyncCopy>> committed;  // oldest first (few: a deque would allocate per fiber)
 #ifdef CSD_EMU_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -197,8 +267,8 @@ struct Worker {
   Launch* launch = nullptr;
   int id = 0;
   std::thread thread;
-  std::binary_semaphore wake{0};
-  ucontext_t ctx;
+  Turn wake;
+  Context ctx;
   Block* block = nullptr;
   unsigned char* tls_anchor = nullptr;  // this host thread's copy of emu::tls_anchor
 #ifdef CSD_EMU_ASAN
@@ -317,7 +387,7 @@ struct Launch {
   std::vector<std::unique_ptr<Worker>> workers;
   std::vector<std::unique_ptr<Cluster>> slots;  // resident clusters, by worker group (null: free)
   std::vector<Block*> resident;
-  std::binary_semaphore finished{0};
+  Turn finished;
   std::unique_ptr<std::latch> started;  // every worker has recorded its tls_anchor
   bool done = false;
 
@@ -332,7 +402,11 @@ inline void run_fiber(Worker& w, Fiber& f) {
 #ifdef CSD_EMU_ASAN
   __sanitizer_start_switch_fiber(&w.fake_stack, f.stack, kFiberStack);
 #endif
+#ifdef CSD_EMU_ASM_SWITCH
+  csd_emu_switch(&w.ctx.sp, f.ctx.sp);
+#else
   swapcontext(&w.ctx, &f.ctx);
+#endif
 #ifdef CSD_EMU_ASAN
   __sanitizer_finish_switch_fiber(w.fake_stack, nullptr, nullptr);
 #endif
@@ -346,7 +420,11 @@ inline void yield_to_worker() {
 #ifdef CSD_EMU_ASAN
   __sanitizer_start_switch_fiber(f.done ? nullptr : &f.fake_stack, w.stack_bottom, w.stack_size);
 #endif
+#ifdef CSD_EMU_ASM_SWITCH
+  csd_emu_switch(&f.ctx.sp, w.ctx.sp);
+#else
   swapcontext(&f.ctx, &w.ctx);
+#endif
 #ifdef CSD_EMU_ASAN
   __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
 #endif
@@ -415,11 +493,26 @@ inline void fiber_main() {
   f.block = b;
   f.tid = tid;
   f.stack = StackPool::get().take();
+#ifdef CSD_EMU_ASAN
+  // The stack's previous fiber never returned from its frames: clear their redzones.
+  __asan_unpoison_memory_region(f.stack, kFiberStack);
+#endif
+#ifdef CSD_EMU_ASM_SWITCH
+  // As if fiber_main had been called (the return address slot 16-byte
+  // aligned + 8) and had then switched out with six callee-saved registers.
+  auto* sp = reinterpret_cast<uintptr_t*>(static_cast<char*>(f.stack) + kFiberStack);
+  *--sp = 0;                                          // fiber_main's return address: none
+  *--sp = reinterpret_cast<uintptr_t>(&fiber_main);  // csd_emu_switch returns into it
+  for (int i = 0; i < 6; ++i) *--sp = 0;             // rbp, rbx, r12-r15
+  f.ctx.sp = sp;
+  return;
+#else
   getcontext(&f.ctx);
   f.ctx.uc_stack.ss_sp = f.stack;
   f.ctx.uc_stack.ss_size = kFiberStack;
   f.ctx.uc_link = nullptr;
   makecontext(&f.ctx, &fiber_main, 0);
+#endif
 }
 
 inline void start_cluster(Launch& l, size_t slot, int64_t cluster_index) {
@@ -483,11 +576,14 @@ inline void finish_block(Launch& l, Block& b) {
   if (l.next_cluster < l.order.size()) start_cluster(l, slot, l.order[l.next_cluster++]);
 }
 
-// Runs a random number of the worker's block's runnable threads, each up to
-// its next synchronisation point.
+// Runs some of the worker's block's runnable threads, in a random order,
+// each up to its next synchronisation point: all of them three times in
+// four, else a random number (a switch to another block costs a hand-over
+// between host threads, so most slices are whole).
 inline void run_slice(Launch& l, Worker& w) {
   Block& b = *w.block;
-  size_t budget = 1 + l.draw(b.runnable.size() + b.deferred.size());
+  const size_t ready = b.runnable.size() + b.deferred.size();
+  size_t budget = l.draw(4) != 0 ? ready : 1 + l.draw(ready);
   while (budget-- > 0) {
     if (b.runnable.empty()) {
       if (b.deferred.empty()) break;
@@ -529,18 +625,18 @@ inline void worker_main(Worker* w) {
 #endif
   Launch& l = *w->launch;
   for (;;) {
-    w->wake.acquire();
+    w->wake.take();
     for (;;) {
       if (l.done) return;
       run_slice(l, *w);
       Worker* next = pick_next(l);
       if (next == nullptr) {
         l.done = true;
-        l.finished.release();
+        l.finished.give();
         break;
       }
       if (next == w) continue;
-      next->wake.release();
+      next->wake.give();
       break;
     }
   }
@@ -624,9 +720,9 @@ void launch_cluster(int64_t blocks, int threads, int cluster_size, size_t dynami
   for (auto& w : l.workers) w->thread = std::thread(worker_main, w.get());
   l.started->wait();  // every tls_anchor is set before the first slice runs (cluster_map reads them)
   Worker* first = pick_next(l);
-  first->wake.release();
-  l.finished.acquire();
-  for (auto& w : l.workers) w->wake.release();
+  first->wake.give();
+  l.finished.take();
+  for (auto& w : l.workers) w->wake.give();
   for (auto& w : l.workers) w->thread.join();
   current_kernel_name() = "?";
 }
@@ -678,7 +774,7 @@ inline void cp_async_wait_n(int n) {
   Fiber& f = self();
   while (int(f.committed.size()) > n) {
     for (const AsyncCopy& c : f.committed.front()) std::memcpy(c.dst, c.data, 16);
-    f.committed.pop_front();
+    f.committed.erase(f.committed.begin());
   }
   // A scheduling point: the thread stays runnable.
   make_runnable(&f);

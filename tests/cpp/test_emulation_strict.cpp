@@ -3,16 +3,17 @@
 // shared memory, asynchronous copies, CUB collectives without a trailing
 // barrier, and misaligned vector accesses.
 //
-// Built twice over (tests/cpp/CMakeLists.txt):
 //   test_emulation_strict                 correct kernels: every check passes.
-//   test_planted_<bug>  (-DCSD_PLANTED_BUG=<n>)
-//       a test-only build with one bug planted in a kernel; it runs that
-//       kernel in a child process and passes only if the emulation catches
-//       the bug (an abort naming it, or the poison it reads):
-//         1 tempstorage_reuse   a cub::BlockReduce TempStorage reused without __syncthreads
-//         2 misaligned_load     a 16-byte load (csd_cuda_rows.h's load_vec) at a misaligned address
-//         3 cluster_barrier     distributed shared memory read with the final cluster_sync missing
-//         4 async_before_wait   a cp.async destination read before its cp_async_wait
+//   test_emulation_strict --planted <bug>
+//       runs a kernel with one bug planted (the kernels are templates on
+//       kPlanted; the bugs exist only in this test binary) in a child
+//       process, and passes only if the emulation catches the bug (an abort
+//       naming it, or the poison it reads), printing the emulation's report:
+//         tempstorage_reuse   a cub::BlockReduce TempStorage reused without __syncthreads
+//         misaligned_load     a 16-byte load (csd_cuda_rows.h's load_vec) at a misaligned address
+//         cluster_barrier     distributed shared memory read with the final cluster_sync missing
+//         async_before_wait   a cp.async destination read before its cp_async_wait
+// ctest runs each (planted_bug_<bug>_is_caught, tests/cpp/CMakeLists.txt).
 #include "cuda_emulation.h"  // first: the CUDA keywords, cub:: and the alignment check
 
 #include "../../csrc/cuda/csd_cuda_rows.h"  // load_vec, with CSD_CHECK_VECTOR_ALIGNMENT on
@@ -28,10 +29,6 @@
 #include <vector>
 
 #include "check.h"
-
-#ifndef CSD_PLANTED_BUG
-#define CSD_PLANTED_BUG 0
-#endif
 
 // The kernels are in a named namespace so that the emulation's messages can
 // name them (dladdr finds exported symbols only).
@@ -80,20 +77,20 @@ TEST_CASE(shared_memory_is_per_block_and_blocks_interleave) {
 
 // ---- CUB collectives: no trailing barrier ----------------------------------
 
+template <bool kPlanted>
 __global__ void two_block_reductions(float* out) {
   using BlockReduce = cub::BlockReduce<float, kThreads>;
   __shared__ typename BlockReduce::TempStorage tmp;
   const float a = BlockReduce(tmp).Reduce(float(threadIdx.x), Sum{});
-#if CSD_PLANTED_BUG != 1
-  __syncthreads();  // CUB: a barrier before the TempStorage is reused
-#endif
+  if (!kPlanted) __syncthreads();  // CUB: a barrier before the TempStorage is reused
   const float b = BlockReduce(tmp).Reduce(1.0f, Sum{});
   if (threadIdx.x == 0) out[blockIdx.x] = a + b;
 }
 
+template <bool kPlanted>
 void run_two_block_reductions() {
   std::vector<float> out(4, 0.0f);
-  emu::launch(4, kThreads, two_block_reductions, out.data());
+  emu::launch(4, kThreads, two_block_reductions<kPlanted>, out.data());
   for (float v : out) {
     if (v != float(kThreads * (kThreads - 1) / 2 + kThreads)) {
       std::fprintf(stderr, "planted bug visible: wrong reduction %g\n", double(v));
@@ -102,7 +99,7 @@ void run_two_block_reductions() {
   }
 }
 
-TEST_CASE(block_reduce_reused_after_a_barrier) { run_two_block_reductions(); }
+TEST_CASE(block_reduce_reused_after_a_barrier) { run_two_block_reductions<false>(); }
 
 // ---- vector alignment --------------------------------------------------------
 
@@ -128,6 +125,7 @@ constexpr int kCluster = 4;
 // Each CTA sums its slice into __shared__; after a cluster barrier, rank 0
 // adds its peers' sums through distributed shared memory; a second barrier
 // keeps the peers alive until rank 0 has read them.
+template <bool kPlanted>
 __global__ void cluster_sum(const float* in, float* out) {
   using BlockReduce = cub::BlockReduce<float, kThreads>;
   __shared__ typename BlockReduce::TempStorage tmp;
@@ -140,16 +138,15 @@ __global__ void cluster_sum(const float* in, float* out) {
     for (unsigned r = 0; r < emu::cluster_size(); ++r) total += *emu::cluster_map(&partial, r);
     out[blockIdx.x / kCluster] = total;
   }
-#if CSD_PLANTED_BUG != 3
-  emu::cluster_sync();  // no CTA exits while rank 0 may still read its shared memory
-#endif
+  if (!kPlanted) emu::cluster_sync();  // no CTA exits while rank 0 may still read its shared memory
 }
 
+template <bool kPlanted>
 void run_cluster_sum() {
   const int clusters = 3, blocks = clusters * kCluster;
   std::vector<float> in(size_t(blocks * kThreads)), out(clusters, 0.0f);
   for (size_t i = 0; i < in.size(); ++i) in[i] = float(i % 7);
-  emu::launch_cluster(blocks, kThreads, kCluster, 0, cluster_sum, static_cast<const float*>(in.data()),
+  emu::launch_cluster(blocks, kThreads, kCluster, 0, cluster_sum<kPlanted>, static_cast<const float*>(in.data()),
                       out.data());
   for (int c = 0; c < clusters; ++c) {
     double want = 0;
@@ -158,9 +155,9 @@ void run_cluster_sum() {
   }
 }
 
-TEST_CASE(cluster_reads_peers_between_barriers) { run_cluster_sum(); }
+TEST_CASE(cluster_reads_peers_between_barriers) { run_cluster_sum<false>(); }
 
-[[maybe_unused]] __global__ void map_before_first_barrier(float* out) {
+__global__ void map_before_first_barrier(float* out) {
   __shared__ float x;
   x = 1.0f;
   out[0] = *emu::cluster_map(&x, (emu::cluster_rank() + 1) % emu::cluster_size());
@@ -171,6 +168,7 @@ TEST_CASE(cluster_reads_peers_between_barriers) { run_cluster_sum(); }
 // Each thread copies 4 floats of its block's row into dynamic shared memory
 // (one 16-byte cp.async, two groups over the block), waits, and after a
 // barrier thread 0 sums the row.
+template <bool kPlanted>
 __global__ void async_row_sum(const float* in, float* out) {
   float* row = static_cast<float*>(emu::dynamic_shared_memory());
   const float* src = in + size_t(blockIdx.x) * 8 * kThreads;
@@ -178,13 +176,13 @@ __global__ void async_row_sum(const float* in, float* out) {
   emu::cp_async_commit();
   emu::cp_async_16(row + 4 * (kThreads + threadIdx.x), src + 4 * (kThreads + threadIdx.x));
   emu::cp_async_commit();
-#if CSD_PLANTED_BUG == 4
-  const float early = row[4 * threadIdx.x];  // read before the wait
-  emu::cp_async_wait<0>();
-  row[4 * threadIdx.x] = early;
-#else
-  emu::cp_async_wait<0>();
-#endif
+  if (kPlanted) {
+    const float early = row[4 * threadIdx.x];  // read before the wait
+    emu::cp_async_wait<0>();
+    row[4 * threadIdx.x] = early;
+  } else {
+    emu::cp_async_wait<0>();
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
     float s = 0.0f;
@@ -193,12 +191,13 @@ __global__ void async_row_sum(const float* in, float* out) {
   }
 }
 
+template <bool kPlanted>
 void run_async_row_sum() {
   const int blocks = 3;
   alignas(16) static float in[blocks * 8 * kThreads];
   std::vector<float> out(blocks, 0.0f);
   for (int i = 0; i < blocks * 8 * kThreads; ++i) in[i] = float(i % 5);
-  emu::launch_cluster(blocks, kThreads, 1, 8 * kThreads * sizeof(float), async_row_sum,
+  emu::launch_cluster(blocks, kThreads, 1, 8 * kThreads * sizeof(float), async_row_sum<kPlanted>,
                       static_cast<const float*>(in), out.data());
   for (int b = 0; b < blocks; ++b) {
     double want = 0;
@@ -210,9 +209,9 @@ void run_async_row_sum() {
   }
 }
 
-TEST_CASE(async_copies_land_at_the_wait) { run_async_row_sum(); }
+TEST_CASE(async_copies_land_at_the_wait) { run_async_row_sum<false>(); }
 
-[[maybe_unused]] __global__ void wait_without_commit(float* out) {
+__global__ void wait_without_commit(float* out) {
   float* row = static_cast<float*>(emu::dynamic_shared_memory());
   alignas(16) static const float src[4] = {1, 2, 3, 4};
   emu::cp_async_16(row, src);
@@ -255,7 +254,6 @@ bool caught(const std::pair<int, std::string>& r, const char* message) {
   return failed && named;
 }
 
-#if CSD_PLANTED_BUG == 0
 TEST_CASE(cluster_map_before_the_first_cluster_barrier_aborts) {
   CHECK(caught(in_child([] {
           float out[1];
@@ -282,35 +280,36 @@ TEST_CASE(deadlock_aborts) {
         }),
         "deadlock"));
 }
-#endif
 
 }  // namespace strict_test
 
 using namespace strict_test;
 
-int main() {
-#if CSD_PLANTED_BUG == 0
-  return check::run_all();
-#else
+int main(int argc, char** argv) {
+  if (argc == 1) return check::run_all();
   struct Planted {
     const char* name;
     void (*run)();
     const char* message;  // what the emulation prints when it catches the bug
   };
   static const Planted planted[] = {
-      {"tempstorage_reuse", run_two_block_reductions, "reused before the previous collective on it finished"},
+      {"tempstorage_reuse", run_two_block_reductions<true>, "reused before the previous collective on it finished"},
       {"misaligned_load", [] { run_vector_sum(1); }, "misaligned vector access"},
-      {"cluster_barrier", run_cluster_sum, "CUDA requires a cluster_sync() before exit"},
-      {"async_before_wait", run_async_row_sum, "planted bug visible"},
+      {"cluster_barrier", run_cluster_sum<true>, "CUDA requires a cluster_sync() before exit"},
+      {"async_before_wait", run_async_row_sum<true>, "planted bug visible"},
   };
-  const Planted& p = planted[CSD_PLANTED_BUG - 1];
-  const auto r = in_child(p.run);
-  if (caught(r, p.message)) {
-    std::printf("%s", r.second.c_str());  // the emulation's own report
-    std::printf("planted bug %s: caught by the emulation (\"%s\")\n", p.name, p.message);
-    return 0;
+  for (const Planted& p : planted) {
+    if (argc != 3 || std::string(argv[1]) != "--planted" || p.name != std::string(argv[2])) continue;
+    const auto r = in_child(p.run);
+    if (caught(r, p.message)) {
+      std::printf("%s", r.second.c_str());  // the emulation's own report
+      std::printf("planted bug %s: caught by the emulation (\"%s\")\n", p.name, p.message);
+      return 0;
+    }
+    std::printf("planted bug %s: NOT caught\n", p.name);
+    return 1;
   }
-  std::printf("planted bug %s: NOT caught\n", p.name);
-  return 1;
-#endif
+  std::fprintf(stderr, "usage: %s [--planted tempstorage_reuse|misaligned_load|cluster_barrier|async_before_wait]\n",
+               argv[0]);
+  return 2;
 }

@@ -16,13 +16,16 @@
 //       as csd_ext::csd_backward_reuse_; with `scale` (a one-element tensor, read
 //       by the kernels) as the *_scaled ops
 //
-// python_tests/emulated_gpu.py builds this file with torch.utils.cpp_extension
-// and routes csd_ext's ops to it, so the GPU suite (python_tests/gpu_suite.py)
-// runs its own assertions against the kernels' own code in CI, where there
-// is no GPU.  The layout handling mirrors csd_cuda.cpp (rows read in place
-// at their stride, a contiguous gradient) and the launches are the real
-// launchers' (emulated_launch.h).  Argument checking is not repeated: the
-// Python wrapper and the CPU suite cover it.
+// python_tests/emulated_gpu.py builds this file (with csrc/csd_ops.cpp, for
+// the argument checks, under CSD_OPS_CHECKS_ONLY) with
+// torch.utils.cpp_extension and routes csd_ext's ops to it, so the GPU suite
+// (python_tests/gpu_suite.py) runs its own assertions against the kernels'
+// own code in CI, where there is no GPU.  The op layer is the real one
+// (csrc/cuda/csd_cuda_ops.h: checks, layout, allocation), and so are the
+// launches (csrc/cuda/csd_cuda_host.h via emulated_launch.h); only the
+// backend below, which launches under the emulation instead of on a stream,
+// is the emulation's own.  So the emulated ops reject what the real ones
+// reject (non-contiguous or wrong-dtype stats, a misplaced row mask, ...).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -31,6 +34,7 @@
 #include "cuda_emulation.h"  // before the kernels: the CUDA keywords and cub::
 
 #include "../../csrc/cuda/csd_cuda_dispatch.cuh"  // dtype pairs; c10::BFloat16 converts as on the GPU
+#include "../../csrc/cuda/csd_cuda_ops.h"
 #include "emulated_launch.h"
 #include "emulated_fused_launch.h"
 
@@ -39,77 +43,48 @@
 
 namespace {
 
-using csd::Mixture;
+using namespace csd;
+using namespace csd::gpu;
 
-struct Config {
-  Mixture<double> w1, w2;
-  double inv_temp;
+struct EmulatedBackend {
+  int sms;
+  int guard(const at::Tensor&) const { return 0; }  // one "device"
+  void launch_forward(const at::Tensor& student, const at::Tensor& teacher, const bool* row_mask,
+                      const LossConfig& cfg, at::Tensor& loss, at::Tensor& stats) const {
+    // As csd_cuda_forward.cu, with the emulation's launch and scratch.
+    CSD_CUDA_DISPATCH_PAIR(student.scalar_type(), teacher.scalar_type(), "csd_emulated_forward", [&] {
+      EmulatedScratch scratch;
+      run_forward(student.const_data_ptr<zs_t>(), student.stride(0), teacher.const_data_ptr<ts_t>(),
+                  teacher.stride(0), student.size(0), student.size(1), row_mask, cfg.w1, cfg.w2,
+                  cfg.inv_temperature, loss.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>(), sms,
+                  scratch, EmulatedLaunch{});
+    });
+  }
+  void launch_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                       const at::Tensor& stats, const LossConfig& cfg, at::Tensor& grad) const {
+    // As csd_cuda_backward.cu.
+    CSD_CUDA_DISPATCH_PAIR(student.scalar_type(), teacher.scalar_type(), "csd_emulated_backward", [&] {
+      run_backward(grad.mutable_data_ptr<zs_t>(), student.const_data_ptr<zs_t>(), student.stride(0),
+                   teacher.const_data_ptr<ts_t>(), teacher.stride(0), student.size(0), student.size(1),
+                   grad_loss.const_data_ptr<acc_t>(), grad_loss.stride(0), stats.const_data_ptr<acc_t>(), cfg.w1,
+                   cfg.w2, cfg.inv_temperature, EmulatedLaunch{});
+    });
+  }
 };
 
-Config config_of(c10::string_view weighting, double alpha, double temperature) {
-  TORCH_CHECK(weighting.size() == 2, "weighting must be two letters of S, T, U, M, got '",
-              std::string(weighting), "'");
-  return {csd::mixture_of<double>(weighting[0], alpha), csd::mixture_of<double>(weighting[1], alpha),
-          1.0 / temperature};
-}
-
-// As csd_cuda.cpp: rows are read in place at any row stride; only a
-// vocabulary stride other than 1 is copied.
-at::Tensor with_contiguous_rows(const at::Tensor& x) {
-  return (x.stride(1) == 1 || x.size(1) == 1) ? x : x.contiguous();
-}
-
-at::ScalarType accumulate_type(const at::Tensor& a, const at::Tensor& b) {
-  return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
-}
-
-std::tuple<at::Tensor, at::Tensor> emulated_forward_op(const at::Tensor& student_in, const at::Tensor& teacher_in,
-                                                       const std::optional<at::Tensor>& row_mask_in,
+std::tuple<at::Tensor, at::Tensor> emulated_forward_op(const at::Tensor& student, const at::Tensor& teacher,
+                                                       const std::optional<at::Tensor>& row_mask,
                                                        c10::string_view weighting, double alpha,
                                                        double temperature, int64_t sm_count) {
-  TORCH_CHECK(student_in.dim() == 2 && teacher_in.sizes() == student_in.sizes(),
-              "csd_emulated::forward takes [N, V] student and teacher logits of one shape");
-  const Config cfg = config_of(weighting, alpha, temperature);
-  const at::Tensor student = with_contiguous_rows(student_in);
-  const at::Tensor teacher = with_contiguous_rows(teacher_in);
-  const int64_t rows = student.size(0), vocab = student.size(1);
-  const auto opts = student.options().dtype(accumulate_type(student, teacher));
-  at::Tensor loss = at::empty({rows}, opts);
-  at::Tensor stats = at::empty({rows, csd::kNumStats}, opts);
-  if (rows == 0) return {loss, stats};
-  at::Tensor row_mask;
-  if (row_mask_in.has_value()) row_mask = row_mask_in->contiguous();
-  const bool* mask = row_mask.defined() ? row_mask.const_data_ptr<bool>() : nullptr;
-  CSD_CUDA_DISPATCH_PAIR(student.scalar_type(), teacher.scalar_type(), "csd_emulated_forward", [&] {
-    csd::gpu::emulated_forward(student.const_data_ptr<zs_t>(), student.stride(0), teacher.const_data_ptr<ts_t>(),
-                               teacher.stride(0), rows, vocab, mask, cfg.w1, cfg.w2, cfg.inv_temp,
-                               loss.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>(),
-                               int(sm_count));
-  });
-  return {loss, stats};
+  EmulatedBackend backend{int(sm_count)};
+  return forward_op(backend, student, teacher, row_mask, weighting, alpha, temperature);
 }
 
-at::Tensor emulated_backward_op(const at::Tensor& grad_loss_in, const at::Tensor& student_in,
-                                const at::Tensor& teacher_in, const at::Tensor& stats_in,
-                                c10::string_view weighting, double alpha, double temperature) {
-  TORCH_CHECK(student_in.dim() == 2 && teacher_in.sizes() == student_in.sizes(),
-              "csd_emulated::backward takes [N, V] student and teacher logits of one shape");
-  const Config cfg = config_of(weighting, alpha, temperature);
-  const at::Tensor student = with_contiguous_rows(student_in);
-  const at::Tensor teacher = with_contiguous_rows(teacher_in);
-  const auto acc = accumulate_type(student, teacher);
-  // As csd_cuda.cpp: an expanded scalar grad_loss keeps its stride 0.
-  const at::Tensor grad_loss = grad_loss_in.to(acc);
-  const at::Tensor stats = stats_in.to(acc).contiguous();
-  at::Tensor grad = at::empty(student.sizes(), student.options());
-  if (student.size(0) == 0) return grad;
-  CSD_CUDA_DISPATCH_PAIR(student.scalar_type(), teacher.scalar_type(), "csd_emulated_backward", [&] {
-    csd::gpu::emulated_backward(grad.mutable_data_ptr<zs_t>(), student.const_data_ptr<zs_t>(), student.stride(0),
-                                teacher.const_data_ptr<ts_t>(), teacher.stride(0), student.size(0),
-                                student.size(1), grad_loss.const_data_ptr<acc_t>(), grad_loss.stride(0),
-                                stats.const_data_ptr<acc_t>(), cfg.w1, cfg.w2, cfg.inv_temp);
-  });
-  return grad;
+at::Tensor emulated_backward_op(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                                const at::Tensor& stats, c10::string_view weighting, double alpha,
+                                double temperature) {
+  EmulatedBackend backend{0};
+  return backward_op(backend, grad_loss, student, teacher, stats, weighting, alpha, temperature);
 }
 
 // As csd_cuda_fused_ops.cpp.
@@ -127,11 +102,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_forward_grad_op(
     const std::optional<at::Tensor>& scale_in) {
   TORCH_CHECK(student_in.dim() == 2 && teacher_in.sizes() == student_in.sizes(),
               "csd_emulated::forward_grad takes [N, V] student and teacher logits of one shape");
-  const Config cfg = config_of(weighting, alpha, temperature);
+  const LossConfig cfg = make_config(std::string(weighting), alpha, temperature);
   const at::Tensor student = with_contiguous_rows(student_in);
   const at::Tensor teacher = with_contiguous_rows(teacher_in);
   const int64_t rows = student.size(0), vocab = student.size(1);
-  const auto opts = student.options().dtype(accumulate_type(student, teacher));
+  const auto opts = student.options().dtype(accumulate_type_of(student, teacher));
   at::Tensor loss = at::empty({rows}, opts);
   at::Tensor stats = at::empty({rows, csd::kNumStats}, opts);
   at::Tensor grad = at::empty(student.sizes(), student.options());
@@ -149,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_forward_grad_op(
       if constexpr (!std::is_same_v<scalar_t, double>) {
         fused = csd::gpu::emulated_fused_forward_grad(
             student.const_data_ptr<scalar_t>(), student.stride(0), teacher.const_data_ptr<scalar_t>(),
-            teacher.stride(0), rows, vocab, mask, cfg.w1, cfg.w2, cfg.inv_temp, grad_scale,
+            teacher.stride(0), rows, vocab, mask, cfg.w1, cfg.w2, cfg.inv_temperature, grad_scale,
             loss.mutable_data_ptr<float>(), stats.mutable_data_ptr<float>(), grad.mutable_data_ptr<scalar_t>(),
             int(sm_count), csd::gpu::EmulatedSmem{}, nullptr,
             scale.defined() ? scale.const_data_ptr<float>() : nullptr);
@@ -159,15 +134,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_forward_grad_op(
   if (fused) return {loss, stats, grad};
   // The two-pass kernels, with grad_loss = grad_scale as a broadcast scalar.
   if (!scale.defined()) scale = at::full({1}, grad_scale, opts);
-  CSD_CUDA_DISPATCH_PAIR(student.scalar_type(), teacher.scalar_type(), "csd_emulated_forward_grad", [&] {
-    csd::gpu::emulated_forward(student.const_data_ptr<zs_t>(), student.stride(0), teacher.const_data_ptr<ts_t>(),
-                               teacher.stride(0), rows, vocab, mask, cfg.w1, cfg.w2, cfg.inv_temp,
-                               loss.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>(), int(sm_count));
-    csd::gpu::emulated_backward(grad.mutable_data_ptr<zs_t>(), student.const_data_ptr<zs_t>(), student.stride(0),
-                                teacher.const_data_ptr<ts_t>(), teacher.stride(0), rows, vocab,
-                                scale.const_data_ptr<acc_t>(), 0, stats.const_data_ptr<acc_t>(), cfg.w1, cfg.w2,
-                                cfg.inv_temp);
-  });
+  const EmulatedBackend backend{int(sm_count)};
+  backend.launch_forward(student, teacher, mask, cfg, loss, stats);
+  at::Tensor grad_loss = scale.expand({rows});
+  backend.launch_backward(grad_loss, student, teacher, stats, cfg, grad);
   return {loss, stats, grad};
 }
 
@@ -175,10 +145,10 @@ void emulated_backward_reuse_op(const at::Tensor& grad_loss_in, const at::Tensor
                                 const at::Tensor& teacher_in, const at::Tensor& stats_in, const at::Tensor& grad,
                                 c10::string_view weighting, double alpha, double temperature, double grad_scale,
                                 const std::optional<at::Tensor>& scale_in) {
-  const Config cfg = config_of(weighting, alpha, temperature);
+  const LossConfig cfg = make_config(std::string(weighting), alpha, temperature);
   const at::Tensor student = with_contiguous_rows(student_in);
   const at::Tensor teacher = with_contiguous_rows(teacher_in);
-  const auto acc = accumulate_type(student, teacher);
+  const auto acc = accumulate_type_of(student, teacher);
   const at::Tensor grad_loss = grad_loss_in.to(acc);
   const at::Tensor stats = stats_in.to(acc).contiguous();
   TORCH_CHECK(grad.is_contiguous() && grad.sizes() == student.sizes() && grad.scalar_type() == student.scalar_type(),
@@ -191,7 +161,7 @@ void emulated_backward_reuse_op(const at::Tensor& grad_loss_in, const at::Tensor
                                       student.stride(0), teacher.const_data_ptr<ts_t>(), teacher.stride(0),
                                       student.size(0), student.size(1), grad_loss.const_data_ptr<acc_t>(),
                                       grad_loss.stride(0), stats.const_data_ptr<acc_t>(), cfg.w1, cfg.w2,
-                                      cfg.inv_temp, grad_scale,
+                                      cfg.inv_temperature, grad_scale,
                                       scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr);
   });
 }
