@@ -2,8 +2,9 @@
 # CUDA build check for machines without a GPU (the GPU tests skip there, so
 # this stands in for them): builds csd_ext with its CUDA kernels against the
 # CUDA build of torch, checks that the CUDA implementations of both ops are
-# registered, and fails on any compile or link error or on any register
-# spill in a csd kernel.
+# registered, and fails on any compile or link error, on any register
+# spill in a csd kernel, and on any local-memory access (LDL/STL) or missing
+# 16-byte hot-path access in the SASS (.ci/sass_check.py).
 #
 #   .ci/cuda_build_check.sh [PYTHON]
 #
@@ -18,8 +19,9 @@
 #   CUDA_HOME         CUDA toolkit root (default: from nvcc on PATH, else /usr/local/cuda)
 #   TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;8.6;8.9;9.0", see setup.py)
 #   MAX_JOBS          parallel compile jobs (default 2)
-#   CSD_CUDA_LOG_DIR  where build.log (full nvcc/ptxas -v output) and
-#                     ptxas_summary.txt are kept (default build/cuda-check)
+#   CSD_CUDA_LOG_DIR  where build.log (full nvcc/ptxas -v output),
+#                     ptxas_summary.txt, sass_check.txt and sass_loops.txt
+#                     are kept (default build/cuda-check)
 # The build runs in a temporary copy of the tracked sources, so the clone's
 # own (CPU) build is untouched.
 set -euo pipefail
@@ -92,7 +94,8 @@ has = torch._C._dispatch_has_kernel_for_dispatch_key
 backends = csd_ext.compiled_backends()
 print("compiled_backends:", backends)
 assert "cuda" in backends, f"csd_ext was built without CUDA kernels: {backends}"
-for op in ("csd_ext::csd_forward", "csd_ext::csd_backward"):
+for op in ("csd_ext::csd_forward", "csd_ext::csd_backward", "csd_ext::csd_forward_grad",
+           "csd_ext::csd_backward_reuse_"):
     for key in ("CPU", "CUDA"):
         assert has(op, key), f"{op} has no {key} kernel"
     print(f"{op}: CPU and CUDA kernels registered")
@@ -109,4 +112,19 @@ if [[ $status -ne 0 ]]; then
   echo "cuda_build_check: FAILED: register spills in csd kernels (or no ptxas output); see $LOG" >&2
   exit 1
 fi
+step "SASS: no local memory, 16-byte hot-path accesses (cuobjdump; .ci/sass_check.py)"
+so="$(ls "$WORK"/csd_ext/_C*.so | head -n1)"
+set +e
+"$VENV/bin/python" "$ROOT/.ci/sass_check.py" "$so" > "$LOG_DIR/sass_check.txt" 2>&1
+status=$?
+set -e
+cat "$LOG_DIR/sass_check.txt"
+if [[ $status -ne 0 ]]; then
+  echo "cuda_build_check: FAILED: local-memory accesses or missing 16-byte hot-path accesses in csd kernels; see $LOG_DIR/sass_check.txt" >&2
+  exit 1
+fi
+# Instructions and exps per element of each kernel's loops (a report, not a gate).
+"$VENV/bin/python" "$ROOT/benchmarks/sass_loops.py" "$so" > "$LOG_DIR/sass_loops.txt" 2>&1 || true
+sed -n '/^fused kernel/,$p' "$LOG_DIR/sass_loops.txt"
+
 echo "cuda_build_check: passed (build ${build_s} s, total $(( $(date +%s) - start )) s); log $LOG"

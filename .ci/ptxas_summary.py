@@ -16,6 +16,7 @@ from collections import defaultdict
 ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\d+a?)'")
 SPILL = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads")
 REGS = re.compile(r"Used (?P<regs>\d+) registers")
+SMEM = re.compile(r"(?P<smem>\d+) bytes smem")  # static shared memory (the fused kernel adds dynamic, docs/kernels.md)
 
 
 def demangle(names):
@@ -58,6 +59,8 @@ def parse(text):
         m = REGS.search(line)
         if m:
             current["regs"] = int(m["regs"])
+            s = SMEM.search(line)
+            current["smem"] = int(s["smem"]) if s else 0
             kernels.append(current)
             current = None
     return kernels
@@ -82,7 +85,7 @@ def main(argv):
             spilled.append((key, k))
     archs = sorted({k["arch"] for k in ours})
     print(f"ptxas summary: {len(rows)} csd kernels x {len(archs)} archs ({', '.join(archs)}); "
-          "registers per thread, [stack bytes], spill stores/loads")
+          "registers per thread, static shared memory, [stack bytes], spill stores/loads")
     for key in sorted(rows):
         cells = []
         for a in archs:
@@ -90,7 +93,7 @@ def main(argv):
             if k is None:
                 cells.append(f"{a}: -")
                 continue
-            cell = f"{a}: {k['regs']:3d} regs"
+            cell = f"{a}: {k['regs']:3d} regs {k.get('smem', 0):5d} B smem"
             if k.get("stack", 0):
                 cell += f" [{k['stack']}B stack]"
             if k.get("stores", 0) or k.get("loads", 0):

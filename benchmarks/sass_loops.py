@@ -6,7 +6,10 @@ Without a GPU this is the best available proxy for the kernels' issue cost:
 it disassembles the extension (cuobjdump -sass) and, for every csd kernel
 and architecture, counts the instructions inside its longest loop that
 reads global memory (the loop over a row's chunks), with the MUFU.EX2 (exp), BSSY (divergent
-branch) and PRMT (byte shuffle) counts among them.  A static count includes
+branch) and PRMT (byte shuffle) counts among them.  The fused kernel
+(csd_fused_kernel) reads its rows from shared memory instead; a second table
+gives, per element, the instructions and exps of each of its loops (max,
+sums, gradient) on the fast path.  A static count includes
 paths a step does not take (the tail step, scalar loads of misaligned rows),
 so it bounds the executed count from above; "hot" estimates what a full,
 aligned step executes (see hot_path).  Compare builds, not absolutes.
@@ -106,6 +109,66 @@ def hot_path(body):
     return hot
 
 
+def innermost_loops(instructions, marker):
+    """Loops (backward-branch ranges) holding an instruction that matches
+    `marker` and holding no smaller such loop, in address order."""
+    loops = []
+    for addr, text in instructions:
+        m = re.search(r"BRA\s.*?(0x[0-9a-f]+)", text)
+        if not m or int(m.group(1), 16) >= addr:
+            continue
+        start = int(m.group(1), 16)
+        body = [(a, t) for a, t in instructions if start <= a <= addr]
+        if any(re.search(marker, t) for _, t in body):
+            loops.append((start, addr, body))
+    return [(s, e, b) for s, e, b in loops
+            if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2, _ in loops)]
+
+
+def fused_loops(instructions):
+    """The fused kernel's per-element loops over shared memory: step 1 (the
+    max, packed bf16 VHMNMX / FMNMX), step 2 (exp + sums), step 3 (gradient,
+    second moments, the 16-byte store), and the masked max of threads with a
+    -inf.  For each: all its instructions, and the fast path's -- the loop
+    without the basic blocks of the masked path (FSETP: the per-element
+    -inf tests) and of the scalar stores of a misaligned row's ends
+    (STG.E.U16 / STG.E without .128).  One iteration handles one 16-byte
+    vector of student and one of teacher logits."""
+    out = []
+    for _s, _e, body in innermost_loops(instructions, r"^(@\S+ )?LDS\.128|HMNMX"):
+        blocks = basic_blocks(body)
+        fast = [b for b in blocks
+                if not any("FSETP" in t for _, t in b)
+                and not any(re.search(r"STG\.E(\.U16)?\s", t) for _, t in b)]
+        fast_n = sum(len(b) for b in fast)
+        ex2 = sum("MUFU.EX2" in t for b in fast for _, t in b)
+        ops = " ".join(t.split()[1] if t.startswith("@") else t.split()[0] for _, t in body)
+        kind = ("max" if "HMNMX" in ops and "MUFU" not in ops else
+                "grad" if "STG" in ops else "sums" if "MUFU.EX2" in ops else "masked max")
+        out.append((kind, len(body), fast_n, ex2))
+    return out
+
+
+def print_fused(rows, names, filt):
+    """Per element (fast path) of each fused-kernel loop, and their sum."""
+    print()
+    print("fused kernel (csd_fused_kernel): per-element loops over shared memory, fast path "
+          "(no -inf in the thread's vectors; aligned stores)")
+    print(f"{'kernel':<40} {'arch':<7} {'loops: kind instr/elem (ex2/elem)':<70} {'instr/el':>8} {'ex2/el':>6}")
+    for (_, arch, _total, _size, _hot, _ops, loops), name in sorted(zip(rows, names), key=lambda x: (x[1], x[0][1])):
+        short = re.sub(r"^void csd::gpu::|\(.*$", "", name).replace("c10::", "")
+        if "csd_fused_kernel" not in short or (filt and filt not in short) or not loops:
+            continue
+        width = 4 if "<float" in short else 8  # elements per 16-byte vector
+        # Without packed bf16 the masked max (FSETP per element) is step 1 itself.
+        bf16 = "BFloat16" in short
+        hot = [(k, f / width, x / width) if k != "masked max" else ("max", n / width, 0.0)
+               for k, n, f, x in loops if k != "masked max" or not bf16]
+        cells = "  ".join(f"{k} {i:.1f} ({x:.1f})" for k, i, x in hot)
+        print(f"{short:<40} {arch:<7} {cells:<70} {sum(i for _, i, _ in hot):>8.1f} "
+              f"{sum(x for _, _, x in hot):>6.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("binary", help="the built extension (.so) or a CUDA object (.o)")
@@ -125,15 +188,17 @@ def main():
         ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", block)]
         body = longest_loop(ins)
         ops = Counter((t.split()[1] if t.startswith("@") else t.split()[0]) for _, t in body)
-        rows.append((m.group(1), arch, len(ins), len(body), hot_path(body), ops))
+        fused = fused_loops(ins) if "csd_fused_kernel" in m.group(1) else []
+        rows.append((m.group(1), arch, len(ins), len(body), hot_path(body), ops, fused))
     names = demangle([r[0] for r in rows])
     print(f"{'kernel':<78} {'arch':<7} {'total':>6} {'loop':>5} {'hot':>4} {'EX2':>4} {'BSSY':>5} {'PRMT':>5}")
-    for (_, arch, total, size, hot, ops), name in sorted(zip(rows, names), key=lambda x: (x[1], x[0][1])):
+    for (_, arch, total, size, hot, ops, _fused), name in sorted(zip(rows, names), key=lambda x: (x[1], x[0][1])):
         short = re.sub(r"^void csd::gpu::|\(.*$", "", name).replace("c10::", "")
         if args.filter and args.filter not in short:
             continue
         print(f"{short:<78} {arch:<7} {total:>6} {size:>5} {hot:>4} {ops['MUFU.EX2']:>4} {ops['BSSY']:>5} "
               f"{ops['PRMT']:>5}")
+    print_fused(rows, names, args.filter)
 
 
 if __name__ == "__main__":

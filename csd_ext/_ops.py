@@ -68,6 +68,41 @@ def _csd_backward_reuse_fake(grad_loss, student, teacher, stats, grad_student, w
     return None
 
 
+@torch.library.register_fake("csd_ext::csd_forward_grad_scaled")
+def _csd_forward_grad_scaled_fake(student, teacher, row_mask, weighting, alpha, temperature, grad_scale):
+    return _csd_forward_grad_fake(student, teacher, row_mask, weighting, alpha, temperature, 1.0)
+
+
+@torch.library.register_fake("csd_ext::csd_backward_reuse_scaled_")
+def _csd_backward_reuse_scaled_fake(grad_loss, student, teacher, stats, grad_student, weighting, alpha,
+                                    temperature, grad_scale):
+    return None
+
+
+# The *_scaled ops take grad_scale as a one-element tensor (1 / the valid-token
+# count of a mean, computed on the device), so CUDA never syncs with the host.
+# On the CPU reading it costs nothing: they run the float ops.
+@torch.library.impl("csd_ext::csd_forward_grad_scaled", "cpu")
+def _csd_forward_grad_scaled_cpu(student, teacher, row_mask, weighting, alpha, temperature, grad_scale):
+    return torch.ops.csd_ext.csd_forward_grad(student, teacher, row_mask, weighting, alpha, temperature,
+                                              float(grad_scale))
+
+
+@torch.library.impl("csd_ext::csd_backward_reuse_scaled_", "cpu")
+def _csd_backward_reuse_scaled_cpu(grad_loss, student, teacher, stats, grad_student, weighting, alpha,
+                                   temperature, grad_scale):
+    torch.ops.csd_ext.csd_backward_reuse_(grad_loss, student, teacher, stats, grad_student, weighting, alpha,
+                                          temperature, float(grad_scale))
+
+
+def mean_scale(row_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """1 / max(count, 1) of a row mask, on its device, as `reduce_rows` divides
+    a mean (the same expression, so the value is bit-identical to the
+    grad_loss autograd hands back, and csd_backward_reuse_scaled_ skips every
+    counted row)."""
+    return (torch.ones((), dtype=dtype, device=row_mask.device) / row_mask.sum().clamp(min=1)).to(dtype)
+
+
 def _setup_context(ctx, inputs, output):
     student, teacher, _row_mask, weighting, alpha, temperature = inputs
     _loss, stats = output
@@ -97,7 +132,8 @@ def has_fused_kernel(device: torch.device) -> bool:
     """Whether csd_forward_grad / csd_backward_reuse_ have a kernel for `device`."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return key is not None and has("csd_ext::csd_forward_grad", key) and has("csd_ext::csd_backward_reuse_", key)
+    ops = ("csd_forward_grad", "csd_backward_reuse_", "csd_forward_grad_scaled", "csd_backward_reuse_scaled_")
+    return key is not None and all(has("csd_ext::" + op, key) for op in ops)
 
 
 class _FusedCSD(torch.autograd.Function):
@@ -110,8 +146,7 @@ class _FusedCSD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, row_mask, weighting, alpha, temperature, grad_scale):
-        loss, stats, grad = torch.ops.csd_ext.csd_forward_grad(
-            student, teacher, row_mask, weighting, alpha, temperature, grad_scale)
+        loss, stats, grad = _forward_grad(student, teacher, row_mask, weighting, alpha, temperature, grad_scale)
         ctx.save_for_backward(student, teacher, row_mask, stats)
         ctx.grad = grad
         ctx.params = (weighting, alpha, temperature)
@@ -123,19 +158,34 @@ class _FusedCSD(torch.autograd.Function):
         student, teacher, row_mask, stats = ctx.saved_tensors
         grad, ctx.grad = ctx.grad, None
         if grad is None:
-            _, stats, grad = torch.ops.csd_ext.csd_forward_grad(student, teacher, row_mask, *ctx.params,
-                                                                ctx.grad_scale)
-        torch.ops.csd_ext.csd_backward_reuse_(grad_loss, student, teacher, stats, grad, *ctx.params,
-                                              ctx.grad_scale)
+            _, stats, grad = _forward_grad(student, teacher, row_mask, *ctx.params, ctx.grad_scale)
+        _backward_reuse(grad_loss, student, teacher, stats, grad, *ctx.params, ctx.grad_scale)
         grad_student = grad if ctx.needs_input_grad[0] else None
         # d/dt of the stop-gradient objective is the negative of d/dz.
         grad_teacher = grad.neg().to(teacher.dtype) if ctx.needs_input_grad[1] else None
         return grad_student, grad_teacher, None, None, None, None, None
 
 
+def _forward_grad(student, teacher, row_mask, weighting, alpha, temperature, grad_scale):
+    if isinstance(grad_scale, torch.Tensor):
+        return torch.ops.csd_ext.csd_forward_grad_scaled(student, teacher, row_mask, weighting, alpha, temperature,
+                                                         grad_scale)
+    return torch.ops.csd_ext.csd_forward_grad(student, teacher, row_mask, weighting, alpha, temperature, grad_scale)
+
+
+def _backward_reuse(grad_loss, student, teacher, stats, grad, weighting, alpha, temperature, grad_scale):
+    if isinstance(grad_scale, torch.Tensor):
+        torch.ops.csd_ext.csd_backward_reuse_scaled_(grad_loss, student, teacher, stats, grad, weighting, alpha,
+                                                     temperature, grad_scale)
+    else:
+        torch.ops.csd_ext.csd_backward_reuse_(grad_loss, student, teacher, stats, grad, weighting, alpha,
+                                              temperature, grad_scale)
+
+
 def fused_csd(student, teacher, row_mask, weighting, alpha, temperature, grad_scale):
     """Per-row loss through the fused pair; grad_scale is the grad_loss the
-    caller expects for every row (1/count for a mean, 1 for a sum)."""
+    caller expects for every row (1/count for a mean, 1 for a sum): a float,
+    or a one-element tensor on the device (mean_scale: no host sync)."""
     return _FusedCSD.apply(student, teacher, row_mask, weighting, alpha, temperature, grad_scale)
 
 
@@ -147,6 +197,68 @@ def use_fused(student: torch.Tensor, teacher: torch.Tensor) -> bool:
         and (student.requires_grad or teacher.requires_grad)
         and not torch.compiler.is_compiling()
         and has_fused_kernel(student.device)
+    )
+
+
+# Devices whose torch.compile graphs use csd_forward_grad when the student
+# needs a gradient (see `use_fused_compiled`).  On the CPU the compiled graph
+# keeps the op pair: its fused kernel gains little there, and the CPU tests
+# pin that behaviour; tests put "cpu" in here to trace the fused graph.
+COMPILED_FUSED_DEVICES = {"cuda"}
+
+# has_fused_kernel per device type, queried once at import (dynamo cannot
+# trace the dispatcher query; the registrations are complete once _C loads).
+_FUSED_KERNEL_AT_IMPORT = {name: has_fused_kernel(torch.device(name)) for name in ("cpu", "cuda")}
+
+
+def _forward_grad_setup_context(ctx, inputs, output):
+    student, teacher, _row_mask, weighting, alpha, temperature, grad_scale = inputs
+    _loss, stats, grad = output
+    scaled = isinstance(grad_scale, torch.Tensor)
+    ctx.save_for_backward(student, teacher, stats, grad, grad_scale if scaled else None)
+    ctx.params = (weighting, alpha, temperature)
+    ctx.grad_scale = None if scaled else grad_scale
+    ctx.mark_non_differentiable(stats, grad)
+
+
+def _forward_grad_backward(ctx, grad_loss, _grad_stats, _grad_grad):
+    """The compiled graph's backward of csd_forward_grad: the gradient the
+    forward wrote is for grad_loss = grad_scale; csd_backward_reuse_
+    recomputes (in place, on the device) only the rows whose grad_loss
+    differs, so a mean or sum backward reads nothing.  In a compiled graph the
+    saved gradient is an intermediate with no other use, so the functionalised
+    in-place op can run in place.  Eager mode uses _FusedCSD instead (it hands
+    the tensor over once, so this rule, which reuses a saved output, is not
+    meant for retain_graph double backwards in eager mode)."""
+    student, teacher, stats, grad, scale = ctx.saved_tensors
+    needs_student, needs_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (needs_student or needs_teacher):
+        return None, None, None, None, None, None, None
+    _backward_reuse(grad_loss, student, teacher, stats, grad, *ctx.params,
+                    scale if scale is not None else ctx.grad_scale)
+    grad_student = grad if needs_student else None
+    # d/dt of the stop-gradient objective is the negative of d/dz.
+    grad_teacher = grad.neg().to(teacher.dtype) if needs_teacher else None
+    return grad_student, grad_teacher, None, None, None, None, None
+
+
+torch.library.register_autograd("csd_ext::csd_forward_grad", _forward_grad_backward,
+                                setup_context=_forward_grad_setup_context)
+torch.library.register_autograd("csd_ext::csd_forward_grad_scaled", _forward_grad_backward,
+                                setup_context=_forward_grad_setup_context)
+
+
+def use_fused_compiled(student: torch.Tensor, teacher: torch.Tensor) -> bool:
+    """Under torch.compile, with grad enabled and an input that needs it, on
+    a device in COMPILED_FUSED_DEVICES with a fused kernel: the traced graph
+    calls csd_forward_grad (one kernel: z and t read once, g written once)
+    instead of the csd_forward / csd_backward pair."""
+    return (
+        torch.compiler.is_compiling()
+        and torch.is_grad_enabled()
+        and (student.requires_grad or teacher.requires_grad)
+        and student.device.type in COMPILED_FUSED_DEVICES
+        and _FUSED_KERNEL_AT_IMPORT.get(student.device.type, False)
     )
 
 

@@ -20,6 +20,18 @@ def flatten_logits(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _grad_scale(student, teacher, row_mask, reduction):
+    """The grad_loss each row gets back from a backward of 1.0 through this
+    reduction, which the fused forward builds into its gradient: 1 for a sum
+    (and "none"), 1/rows for a mean without a mask, and for a mean over a
+    mask 1/count as a device tensor (no host sync)."""
+    if reduction != "mean":
+        return 1.0
+    if row_mask is None:
+        return 1.0 / max(student.shape[0], 1)
+    return _ops.mean_scale(row_mask, _ops.accumulate_dtype(student, teacher))
+
+
 def csd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -91,11 +103,18 @@ def csd_loss(
     if _ops.use_fused(student, teacher):
         # The gradient is computed in the forward for the grad_loss this
         # reduction will hand back after a backward from 1.0.
-        grad_scale = 1.0
-        if reduction == "mean":
-            count = student.shape[0] if row_mask is None else int(row_mask.sum())
-            grad_scale = 1.0 / max(count, 1)
-        per_row = _ops.fused_csd(student, teacher, row_mask, weighting, alpha, temperature, grad_scale)
+        per_row = _ops.fused_csd(student, teacher, row_mask, weighting, alpha, temperature,
+                                 _grad_scale(student, teacher, row_mask, reduction))
+    elif _ops.use_fused_compiled(student, teacher) and (row_mask is not None or isinstance(student.shape[0], int)):
+        # Traced: csd_forward_grad(_scaled) with its autograd rule (_ops.py).
+        # (A symbolic row count without a mask keeps the op pair.)
+        grad_scale = _grad_scale(student, teacher, row_mask, reduction)
+        if isinstance(grad_scale, torch.Tensor):
+            per_row, _stats, _grad = torch.ops.csd_ext.csd_forward_grad_scaled(
+                student, teacher, row_mask, weighting, alpha, temperature, grad_scale)
+        else:
+            per_row, _stats, _grad = torch.ops.csd_ext.csd_forward_grad(
+                student, teacher, row_mask, weighting, alpha, temperature, grad_scale)
     else:
         per_row, _stats = torch.ops.csd_ext.csd_forward(student, teacher, row_mask, weighting, alpha, temperature)
     return reduce_rows(per_row, row_mask, student_logits.shape[:-1], reduction)

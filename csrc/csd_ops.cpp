@@ -14,6 +14,10 @@
 //                       weighting, alpha, temperature, grad_scale) -> ()
 //       turns that gradient into the one for grad_loss, in place: rows whose
 //       grad_loss is not grad_scale are recomputed.
+//   csd_forward_grad_scaled(..., Tensor grad_scale) / csd_backward_reuse_scaled_(..., Tensor grad_scale)
+//       the same with grad_scale a one-element tensor of the loss dtype on the
+//       logits' device (e.g. 1 / the valid-token count, computed there), so
+//       the host never reads it (no sync).
 // loss and stats are float32, or float64 when either input is float64.
 #include <Python.h>
 #include <torch/library.h>
@@ -126,5 +130,12 @@ TORCH_LIBRARY(csd_ext, m) {
       "csd_backward_reuse_(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, "
       "Tensor(a!) grad_student, str weighting, float alpha, float temperature, "
       "float grad_scale) -> ()");
+  m.def(
+      "csd_forward_grad_scaled(Tensor student, Tensor teacher, Tensor? row_mask, str weighting, "
+      "float alpha, float temperature, Tensor grad_scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "csd_backward_reuse_scaled_(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, "
+      "Tensor(a!) grad_student, str weighting, float alpha, float temperature, "
+      "Tensor grad_scale) -> ()");
 }
 #endif

@@ -59,7 +59,7 @@ def emulation_seed():
 @functools.lru_cache(maxsize=None)
 def load_emulated_ops():
     """Builds (once per build directory and source version) and loads the ops
-    csd_emulated::forward / backward."""
+    csd_emulated::forward / backward / forward_grad / backward_reuse_."""
     from torch.utils.cpp_extension import load
 
     emulation_seed()
@@ -69,6 +69,10 @@ def load_emulated_ops():
     # rounds like the GPU, not like an FMA-free build.
     fma = ["-mfma", "-ffp-contract=fast"] if _cpu_has_fma() else []
     flags = ["-O2", "-pthread", "-DCSD_OPS_CHECKS_ONLY", *fma]
+    # CSD_EMULATED_PLANTED_BUG=cluster_reduce builds the kernels with the fused
+    # kernel's planted cluster-reduction bug (the suite must then fail).
+    if os.environ.get("CSD_EMULATED_PLANTED_BUG") == "cluster_reduce":
+        flags.append("-DCSD_PLANTED_BUG_CLUSTER_REDUCE")
     # torch's JIT build notices changes of the .cpp only, and of the flags only
     # within one process; the kernels are in headers.  So the build directory
     # is named after the flags and every header.
@@ -85,9 +89,9 @@ def load_emulated_ops():
 
 
 class EmulatedGpu:
-    """Routes csd_ext::csd_forward / csd_backward on CPU tensors to the
-    emulated CUDA kernels, and turns off the CPU-only fused forward+gradient
-    path (a GPU has none), while active.  Not reentrant.  It is also the GPU
+    """Routes csd_ext::csd_forward / csd_backward and the fused pair
+    csd_forward_grad / csd_backward_reuse_ on CPU tensors to the emulated
+    CUDA kernels (the fused one on an emulated sm_90 GPU), while active.  Not reentrant.  It is also the GPU
     suite's `gpu` (gpu_suite.RealGpu's interface): inputs for the kernels
     under test stay on the CPU."""
 
@@ -100,6 +104,7 @@ class EmulatedGpu:
         self._lib = None
         self._has_fused_kernel = None
         self.launches = 0  # emulated forward and backward calls, so tests can see the routing
+        self.calls = {}  # the same, by csd_ext op name
 
     def _route(self):
         ops = self._ops
@@ -108,18 +113,49 @@ class EmulatedGpu:
 
         def forward(student, teacher, row_mask, weighting, alpha, temperature):
             self.launches += 1
+            self.calls["forward"] = self.calls.get("forward", 0) + 1
             return ops.forward(student, teacher, row_mask, weighting, alpha, temperature, sms)
 
         def backward(grad_loss, student, teacher, stats, weighting, alpha, temperature):
             self.launches += 1
+            self.calls["backward"] = self.calls.get("backward", 0) + 1
             return ops.backward(grad_loss, student, teacher, stats, weighting, alpha, temperature)
+
+        def forward_grad(student, teacher, row_mask, weighting, alpha, temperature, grad_scale):
+            self.launches += 1
+            self.calls["forward_grad"] = self.calls.get("forward_grad", 0) + 1
+            return ops.forward_grad(student, teacher, row_mask, weighting, alpha, temperature, grad_scale, sms, None)
+
+        def backward_reuse_(grad_loss, student, teacher, stats, grad, weighting, alpha, temperature, grad_scale):
+            self.launches += 1
+            self.calls["backward_reuse_"] = self.calls.get("backward_reuse_", 0) + 1
+            ops.backward_reuse_(grad_loss, student, teacher, stats, grad, weighting, alpha, temperature, grad_scale,
+                                None)
+
+        def forward_grad_scaled(student, teacher, row_mask, weighting, alpha, temperature, grad_scale):
+            self.launches += 1
+            self.calls["forward_grad"] = self.calls.get("forward_grad", 0) + 1
+            return ops.forward_grad(student, teacher, row_mask, weighting, alpha, temperature, 1.0, sms, grad_scale)
+
+        def backward_reuse_scaled_(grad_loss, student, teacher, stats, grad, weighting, alpha, temperature,
+                                   grad_scale):
+            self.launches += 1
+            self.calls["backward_reuse_"] = self.calls.get("backward_reuse_", 0) + 1
+            ops.backward_reuse_(grad_loss, student, teacher, stats, grad, weighting, alpha, temperature, 1.0,
+                                grad_scale)
 
         with _quiet_override_warning():
             lib.impl("csd_forward", forward, "CPU")
             lib.impl("csd_backward", backward, "CPU")
+            lib.impl("csd_forward_grad", forward_grad, "CPU")
+            lib.impl("csd_backward_reuse_", backward_reuse_, "CPU")
+            lib.impl("csd_forward_grad_scaled", forward_grad_scaled, "CPU")
+            lib.impl("csd_backward_reuse_scaled_", backward_reuse_scaled_, "CPU")
         self._lib = lib
+        # Eager training takes the fused pair (csd_forward_grad), as on a GPU:
+        # it now reaches the emulated fused kernel.
         self._has_fused_kernel = csd_ops.has_fused_kernel
-        csd_ops.has_fused_kernel = lambda device: False
+        csd_ops.has_fused_kernel = lambda device: device.type == "cpu"
 
     def _unroute(self):
         csd_ops.has_fused_kernel = self._has_fused_kernel

@@ -59,6 +59,41 @@ def test_the_suite_reaches_the_emulated_kernels(gpu):
     assert gpu.launches == before + 3
 
 
+def test_eager_training_takes_the_fused_kernel(gpu, monkeypatch):
+    """As on an sm_90 GPU: a loss whose student needs a gradient runs
+    csd_forward_grad (the fused kernel, emulated) and csd_backward_reuse_;
+    CSD_EXT_CUDA_PATH=two_pass gives the same results through the two-pass
+    kernels; forward-only calls keep the forward kernel."""
+    import torch
+
+    from csd_ext import csd_loss
+    from csd_testing import make_logits
+
+    z, t = make_logits((4, 6000), seed=3)
+    z = z.to(torch.bfloat16)
+    t = t.to(torch.bfloat16)
+    labels = torch.tensor([1, -100, 2, 3])
+    before = dict(gpu.calls)
+    zf = z.clone().requires_grad_(True)
+    loss = csd_loss(zf, t, labels, weighting="TS")
+    loss.backward()
+    assert gpu.calls.get("forward_grad", 0) == before.get("forward_grad", 0) + 1
+    assert gpu.calls.get("backward_reuse_", 0) == before.get("backward_reuse_", 0) + 1
+    assert gpu.calls.get("forward", 0) == before.get("forward", 0)
+    monkeypatch.setenv("CSD_EXT_CUDA_PATH", "two_pass")
+    z2 = z.clone().requires_grad_(True)
+    loss2 = csd_loss(z2, t, labels, weighting="TS")
+    loss2.backward()
+    torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z2.grad.float(), zf.grad.float(), rtol=2e-2, atol=1e-6)
+    monkeypatch.setenv("CSD_EXT_CUDA_PATH", "neither")
+    with pytest.raises(ValueError, match="CSD_EXT_CUDA_PATH"):
+        csd_loss(z.clone().requires_grad_(True), t)
+    with torch.no_grad():
+        csd_loss(z, t)
+    assert gpu.calls.get("forward", 0) == before.get("forward", 0) + 1
+
+
 def test_the_emulated_ops_reject_what_the_real_ops_reject(gpu):
     """The emulated ops share the real CUDA ops' checks (csrc/cuda/csd_cuda_ops.h
     with csd_ops.cpp's checks): stats that are not the contiguous tensor of the

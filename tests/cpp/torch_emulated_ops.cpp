@@ -5,6 +5,16 @@
 //       -> (loss, stats)        as csd_ext::csd_forward on a GPU with sm_count SMs
 //   csd_emulated::backward(grad_loss, student, teacher, stats, weighting, alpha, temperature)
 //       -> grad_student         as csd_ext::csd_backward
+//   csd_emulated::forward_grad(student, teacher, row_mask?, weighting, alpha, temperature,
+//                              grad_scale, sm_count, scale?) -> (loss, stats, grad_student)
+//       as csd_ext::csd_forward_grad on an sm_90 GPU: the fused kernel where
+//       it applies (emulated_fused_launch.h), else the two-pass kernels; the
+//       environment variable CSD_EXT_CUDA_PATH=two_pass chooses those, as on
+//       the GPU
+//   csd_emulated::backward_reuse_(grad_loss, student, teacher, stats, grad(a!), weighting,
+//                                 alpha, temperature, grad_scale, scale?) -> ()
+//       as csd_ext::csd_backward_reuse_; with `scale` (a one-element tensor, read
+//       by the kernels) as the *_scaled ops
 //
 // python_tests/emulated_gpu.py builds this file (with csrc/csd_ops.cpp, for
 // the argument checks, under CSD_OPS_CHECKS_ONLY) with
@@ -26,6 +36,10 @@
 #include "../../csrc/cuda/csd_cuda_dispatch.cuh"  // dtype pairs; c10::BFloat16 converts as on the GPU
 #include "../../csrc/cuda/csd_cuda_ops.h"
 #include "emulated_launch.h"
+#include "emulated_fused_launch.h"
+
+#include <cstdlib>
+#include <cstring>
 
 namespace {
 
@@ -73,6 +87,85 @@ at::Tensor emulated_backward_op(const at::Tensor& grad_loss, const at::Tensor& s
   return backward_op(backend, grad_loss, student, teacher, stats, weighting, alpha, temperature);
 }
 
+// As csd_cuda_fused_ops.cpp.
+bool fused_path_requested() {
+  const char* env = std::getenv("CSD_EXT_CUDA_PATH");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "fused") == 0) return true;
+  TORCH_CHECK_VALUE(std::strcmp(env, "two_pass") == 0, "CSD_EXT_CUDA_PATH must be 'fused' or 'two_pass', got '",
+                    env, "'");
+  return false;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> emulated_forward_grad_op(
+    const at::Tensor& student_in, const at::Tensor& teacher_in, const std::optional<at::Tensor>& row_mask_in,
+    c10::string_view weighting, double alpha, double temperature, double grad_scale, int64_t sm_count,
+    const std::optional<at::Tensor>& scale_in) {
+  TORCH_CHECK(student_in.dim() == 2 && teacher_in.sizes() == student_in.sizes(),
+              "csd_emulated::forward_grad takes [N, V] student and teacher logits of one shape");
+  const LossConfig cfg = make_config(std::string(weighting), alpha, temperature);
+  const at::Tensor student = with_contiguous_rows(student_in);
+  const at::Tensor teacher = with_contiguous_rows(teacher_in);
+  const int64_t rows = student.size(0), vocab = student.size(1);
+  const auto opts = student.options().dtype(accumulate_type_of(student, teacher));
+  at::Tensor loss = at::empty({rows}, opts);
+  at::Tensor stats = at::empty({rows, csd::kNumStats}, opts);
+  at::Tensor grad = at::empty(student.sizes(), student.options());
+  if (rows == 0) return {loss, stats, grad};
+  at::Tensor row_mask;
+  if (row_mask_in.has_value()) row_mask = row_mask_in->contiguous();
+  const bool* mask = row_mask.defined() ? row_mask.const_data_ptr<bool>() : nullptr;
+  at::Tensor scale;
+  if (scale_in.has_value()) scale = scale_in->reshape({1}).to(opts.dtype()).contiguous();
+  bool fused = false;
+  const auto type = student.scalar_type();
+  if (fused_path_requested() && type == teacher.scalar_type() &&
+      (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "csd_emulated_forward_grad", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        fused = csd::gpu::emulated_fused_forward_grad(
+            student.const_data_ptr<scalar_t>(), student.stride(0), teacher.const_data_ptr<scalar_t>(),
+            teacher.stride(0), rows, vocab, mask, cfg.w1, cfg.w2, cfg.inv_temperature, grad_scale,
+            loss.mutable_data_ptr<float>(), stats.mutable_data_ptr<float>(), grad.mutable_data_ptr<scalar_t>(),
+            int(sm_count), csd::gpu::EmulatedSmem{}, nullptr,
+            scale.defined() ? scale.const_data_ptr<float>() : nullptr);
+      }
+    });
+  }
+  if (fused) return {loss, stats, grad};
+  // The two-pass kernels, with grad_loss = grad_scale as a broadcast scalar.
+  if (!scale.defined()) scale = at::full({1}, grad_scale, opts);
+  const EmulatedBackend backend{int(sm_count)};
+  backend.launch_forward(student, teacher, mask, cfg, loss, stats);
+  at::Tensor grad_loss = scale.expand({rows});
+  backend.launch_backward(grad_loss, student, teacher, stats, cfg, grad);
+  return {loss, stats, grad};
+}
+
+void emulated_backward_reuse_op(const at::Tensor& grad_loss_in, const at::Tensor& student_in,
+                                const at::Tensor& teacher_in, const at::Tensor& stats_in, const at::Tensor& grad,
+                                c10::string_view weighting, double alpha, double temperature, double grad_scale,
+                                const std::optional<at::Tensor>& scale_in) {
+  const LossConfig cfg = make_config(std::string(weighting), alpha, temperature);
+  const at::Tensor student = with_contiguous_rows(student_in);
+  const at::Tensor teacher = with_contiguous_rows(teacher_in);
+  const auto acc = accumulate_type_of(student, teacher);
+  const at::Tensor grad_loss = grad_loss_in.to(acc);
+  const at::Tensor stats = stats_in.to(acc).contiguous();
+  TORCH_CHECK(grad.is_contiguous() && grad.sizes() == student.sizes() && grad.scalar_type() == student.scalar_type(),
+              "csd_emulated::backward_reuse_ takes the contiguous gradient forward_grad returned");
+  if (student.size(0) == 0) return;
+  at::Tensor scale;
+  if (scale_in.has_value()) scale = scale_in->reshape({1}).to(acc).contiguous();
+  CSD_CUDA_DISPATCH_PAIR(student.scalar_type(), teacher.scalar_type(), "csd_emulated_backward_reuse", [&] {
+    csd::gpu::emulated_backward_reuse(grad.mutable_data_ptr<zs_t>(), student.const_data_ptr<zs_t>(),
+                                      student.stride(0), teacher.const_data_ptr<ts_t>(), teacher.stride(0),
+                                      student.size(0), student.size(1), grad_loss.const_data_ptr<acc_t>(),
+                                      grad_loss.stride(0), stats.const_data_ptr<acc_t>(), cfg.w1, cfg.w2,
+                                      cfg.inv_temperature, grad_scale,
+                                      scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(csd_emulated, m) {
@@ -80,9 +173,15 @@ TORCH_LIBRARY(csd_emulated, m) {
         "float temperature, int sm_count) -> (Tensor, Tensor)");
   m.def("backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, str weighting, "
         "float alpha, float temperature) -> Tensor");
+  m.def("forward_grad(Tensor student, Tensor teacher, Tensor? row_mask, str weighting, float alpha, "
+        "float temperature, float grad_scale, int sm_count, Tensor? scale) -> (Tensor, Tensor, Tensor)");
+  m.def("backward_reuse_(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, Tensor(a!) grad, "
+        "str weighting, float alpha, float temperature, float grad_scale, Tensor? scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(csd_emulated, CPU, m) {
   m.impl("forward", &emulated_forward_op);
   m.impl("backward", &emulated_backward_op);
+  m.impl("forward_grad", &emulated_forward_grad_op);
+  m.impl("backward_reuse_", &emulated_backward_reuse_op);
 }
