@@ -8,6 +8,7 @@ import torch
 
 from csd_ext import _ops, csd_loss
 from csd_ext.reference import csd_loss_reference
+from compile_testing import fresh_compile
 from csd_testing import make_labels, make_logits
 
 
@@ -43,14 +44,9 @@ def test_teacher_and_student_gradients_through_torch_compile(weighting, reductio
         raise AssertionError("torch.compile must trace the op pair, not the fused path")
 
     monkeypatch.setattr(_ops, "fused_csd", refuse)
-    # No on-disk caches: a graph compiled by an earlier run (with an older
-    # csd_ext backward) would otherwise be reused, since their keys do not
-    # cover the Python autograd rule of the op.
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda z, t, labels, kw: csd_loss(z, t, labels, **kw), fullgraph=True)
-    check(compiled, weighting, reduction)
+    with fresh_compile():  # no on-disk caches (compile_testing.py)
+        compiled = torch.compile(lambda z, t, labels, kw: csd_loss(z, t, labels, **kw), fullgraph=True)
+        check(compiled, weighting, reduction)
 
 
 @pytest.mark.parametrize("weighting", ["SS", "TS", "MM"])
