@@ -16,7 +16,8 @@
 #                     (default ~/.cache/csd_ext/cuda-venv, outside the clone)
 #   CSD_CUDA_TORCH    what pip installs there (default torch==2.14.1, cu130)
 #   CUDA_HOME         CUDA toolkit root (default: from nvcc on PATH, else /usr/local/cuda)
-#   TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;8.6;8.9;9.0", see setup.py)
+#   TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;8.6;8.9;9.0;10.0;11.0;12.0+PTX",
+#                     see setup.py; every one is checked for spills)
 #   MAX_JOBS          parallel compile jobs (default 2)
 #   CSD_CUDA_LOG_DIR  where build.log (full nvcc/ptxas -v output) and
 #                     ptxas_summary.txt are kept (default build/cuda-check)
