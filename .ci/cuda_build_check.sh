@@ -100,6 +100,22 @@ for op in ("csd_ext::csd_forward", "csd_ext::csd_backward"):
 PY
 )
 
+step "every architecture in the list compiled (SASS, and PTX where +PTX)"
+# The list the build used: TORCH_CUDA_ARCH_LIST, else setup.py's default.
+archs="${TORCH_CUDA_ARCH_LIST:-$(sed -n 's/^DEFAULT_CUDA_ARCHS = "\(.*\)"$/\1/p' "$ROOT/setup.py")}"
+for arch in ${archs//;/ }; do
+  num="${arch%+PTX}"; num="${num//./}"
+  if ! grep -q "for 'sm_${num}a\?'" "$LOG"; then
+    echo "cuda_build_check: FAILED: ptxas compiled nothing for sm_${num} ($arch in \"$archs\"); see $LOG" >&2
+    exit 1
+  fi
+  if [[ "$arch" == *+PTX ]] && ! grep -q "code=compute_${num}" "$LOG"; then
+    echo "cuda_build_check: FAILED: no compute_${num} PTX embedded ($arch); see $LOG" >&2
+    exit 1
+  fi
+done
+echo "architectures: $archs (all compiled)"
+
 step "register use and spills (ptxas -v)"
 set +e
 "$VENV/bin/python" "$ROOT/.ci/ptxas_summary.py" "$LOG" --fail-on-spills > "$LOG_DIR/ptxas_summary.txt"
