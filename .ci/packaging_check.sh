@@ -60,8 +60,10 @@ mkdir "$WORK/sdist"
 tar -xzf "$sdist" -C "$WORK/sdist"
 unpacked="$WORK/sdist/csd_ext-$version"
 (cd "$unpacked" && find . -type f | sed 's|^\./||' | sort) > "$WORK/sdist_files"
-# Everything tracked, except git's own configuration.
-git ls-files --cached --others --exclude-standard | grep -v -x -e '.gitignore' | sort > "$WORK/tracked"
+# Every tracked file, except git's own configuration.  (Untracked files are
+# not expected: an sdist is made from what is committed, and the test suite,
+# which runs before this check in CI, may leave files behind.)
+git ls-files --cached | grep -v -x -e '.gitignore' | sort > "$WORK/tracked"
 missing="$(comm -13 "$WORK/sdist_files" "$WORK/tracked")"
 [[ -z "$missing" ]] || fail "files missing from the sdist:
 $missing"
