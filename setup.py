@@ -6,9 +6,13 @@ Environment knobs:
   FORCE_CUDA=1            build the CUDA kernels even when no GPU is visible
                           (needs a CUDA build of torch and CUDA_HOME).
   CUDA_HOME               the CUDA toolkit's root (the directory holding bin/nvcc).
-  TORCH_CUDA_ARCH_LIST    GPU architectures; default "8.0;8.6;8.9;9.0"
-                          (Ampere A100/A10/RTX 30, Ada L4/RTX 40, Hopper H100/H200);
-                          e.g. "9.0;10.0" adds Blackwell, "8.0;9.0+PTX" adds PTX.
+  TORCH_CUDA_ARCH_LIST    GPU architectures; default "8.0;8.6;8.9;9.0;10.0;11.0;12.0+PTX"
+                          (Ampere A100/A10/RTX 30, Ada L4/RTX 40, Hopper H100/H200,
+                          Blackwell B200/B300, Jetson Thor, RTX 50/RTX PRO 6000/DGX
+                          Spark; 10.3 and 12.1 run the 10.0 and 12.0 code, and the
+                          compute_120 PTX lets newer GPUs JIT the kernels).  Each
+                          architecture is one more nvcc pass over every kernel:
+                          narrow the list to your GPU (e.g. "9.0") to build faster.
                           nvcc runs with -Xptxas=-v: the build log lists every
                           kernel's registers and spills (.ci/ptxas_summary.py).
   CSD_CPU_ISAS            CPU kernel variants to build, default "default,avx2,avx512"
@@ -26,7 +30,7 @@ import sys
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 try:
     import torch
@@ -40,7 +44,11 @@ except ImportError:  # plain `pip install .` builds in an isolated env without t
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
-DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+# Every architecture CUDA 13.0's nvcc compiles SASS for, up to minor versions
+# that run the same SASS (a cubin for sm_X.Y runs on sm_X.Z, Z >= Y: 10.3 runs
+# the 10.0 code, 12.1 the 12.0 code); 11.0 (Thor) needs its own; +PTX on the
+# newest so that GPUs newer than the list JIT the kernels from compute_120 PTX.
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0;10.0;11.0;12.0+PTX"
 
 # Flags per CPU instruction set, as ATen uses for its own CPU kernels.
 CPU_ISA_FLAGS = {
@@ -143,6 +151,21 @@ class BuildExtension(cpp_extension.BuildExtension):
         if isa_sources:
             ext.extra_objects = list(ext.extra_objects or []) + self._compile_isa_objects(ext, isa_sources)
         super().build_extension(ext)
+        self._write_build_info(ext)
+
+    def _write_build_info(self, ext):
+        """csd_ext/_build_info.py next to the built _C: the torch it was compiled
+        against, which csd_ext checks at import (csd_ext/_torch_support.py),
+        since a C++ extension only loads with that torch minor version."""
+        path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_build_info.py")
+        cuda = "cuda" if any(s.endswith(".cu") for s in ext.sources) else None
+        with open(path, "w") as f:
+            f.write(
+                "# Written by setup.py when csd_ext._C was built; not in the source tree.\n"
+                f"TORCH_VERSION = {torch.__version__!r}\n"
+                f"CUDA_VERSION = {(torch.version.cuda if cuda else None)!r}\n"
+                f"CUDA_ARCH_LIST = {(os.environ.get('TORCH_CUDA_ARCH_LIST') if cuda else None)!r}\n"
+            )
 
     def _compile_isa_objects(self, ext, isa_sources):
         from setuptools._distutils.ccompiler import new_compiler
@@ -196,21 +219,11 @@ def make_extension():
     return ext
 
 
+# The metadata (dependencies, extras, classifiers, URLs, console script,
+# package data) is in pyproject.toml; only what needs torch at build time is here.
 setup(
-    name="csd_ext",
     version=read_version(),
-    description="Concrete Score Distillation (CSD) loss for LLM distillation: fast C++/CUDA PyTorch ops",
-    packages=find_packages(include=["csd_ext", "csd_ext.*"]),
-    package_data={"csd_ext": ["configs/*.yaml"]},
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    extras_require={
-        "train": ["transformers", "tokenizers", "peft", "accelerate", "safetensors", "tqdm",
-                  "rouge-score", "matplotlib", "pyyaml"],
-        "test": ["pytest", "hypothesis", "expecttest", "numpy"],
-    },
-    entry_points={"console_scripts": ["csd-distill=csd_ext.distill:main"]},
     zip_safe=False,
 )

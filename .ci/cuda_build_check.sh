@@ -17,7 +17,8 @@
 #                     (default ~/.cache/csd_ext/cuda-venv, outside the clone)
 #   CSD_CUDA_TORCH    what pip installs there (default torch==2.14.1, cu130)
 #   CUDA_HOME         CUDA toolkit root (default: from nvcc on PATH, else /usr/local/cuda)
-#   TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;8.6;8.9;9.0", see setup.py)
+#   TORCH_CUDA_ARCH_LIST  GPU architectures (default "8.0;8.6;8.9;9.0;10.0;11.0;12.0+PTX",
+#                     see setup.py; every one is checked for spills)
 #   MAX_JOBS          parallel compile jobs (default 2)
 #   CSD_CUDA_LOG_DIR  where build.log (full nvcc/ptxas -v output),
 #                     ptxas_summary.txt, sass_check.txt and sass_loops.txt
@@ -101,6 +102,22 @@ for op in ("csd_ext::csd_forward", "csd_ext::csd_backward", "csd_ext::csd_forwar
     print(f"{op}: CPU and CUDA kernels registered")
 PY
 )
+
+step "every architecture in the list compiled (SASS, and PTX where +PTX)"
+# The list the build used: TORCH_CUDA_ARCH_LIST, else setup.py's default.
+archs="${TORCH_CUDA_ARCH_LIST:-$(sed -n 's/^DEFAULT_CUDA_ARCHS = "\(.*\)"$/\1/p' "$ROOT/setup.py")}"
+for arch in ${archs//;/ }; do
+  num="${arch%+PTX}"; num="${num//./}"
+  if ! grep -q "for 'sm_${num}a\?'" "$LOG"; then
+    echo "cuda_build_check: FAILED: ptxas compiled nothing for sm_${num} ($arch in \"$archs\"); see $LOG" >&2
+    exit 1
+  fi
+  if [[ "$arch" == *+PTX ]] && ! grep -q "code=compute_${num}" "$LOG"; then
+    echo "cuda_build_check: FAILED: no compute_${num} PTX embedded ($arch); see $LOG" >&2
+    exit 1
+  fi
+done
+echo "architectures: $archs (all compiled)"
 
 step "register use and spills (ptxas -v)"
 set +e

@@ -24,6 +24,10 @@ none).  This saves re-reading both [N, V] logit tensors in the backward.
 
 import torch
 
+from ._torch_support import check_torch
+
+check_torch()  # a clear message for an unsupported or mismatched torch, before _C fails to load
+
 try:
     from . import _C  # noqa: F401  (loading it registers the ops)
 except ImportError as exc:  # pragma: no cover - only without a build

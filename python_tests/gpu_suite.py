@@ -661,3 +661,33 @@ def test_fused_linear_matches_materialised_logits(gpu, dtype, teacher, reduction
     for a, e, name in zip(got_grads, want_grads, ("hidden", "weight", "bias")):
         torch.testing.assert_close(a.float(), e.float(), rtol=tol[0], atol=tol[1] * e.abs().max().item(),
                                    msg=lambda m, name=name: f"{name} gradient: {m}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_with_a_non_default_ignore_index(gpu, reduction):
+    """fused_linear_csd and FusedLinearCSDLoss pass ignore_index through: the
+    rows labelled 7 are dropped exactly as csd_loss drops them, and rows
+    labelled -100 (an ordinary label here) are counted."""
+    g = torch.Generator(device="cpu").manual_seed(5)
+    n, hid, vocab, ignore_index = 29, 32, 3001, 7
+    h = torch.randn(n, hid, generator=g).to(gpu.device).requires_grad_()
+    w = (torch.randn(vocab, hid, generator=g) * 0.2).to(gpu.device)
+    b = (torch.randn(vocab, generator=g) * 0.1).to(gpu.device)
+    t_logits = (torch.randn(n, vocab, generator=g) * 2).to(gpu.device)
+    labels = make_labels((n,), ignore_frac=0.4, ignore_index=ignore_index, seed=5, device=gpu.device)
+    labels[:3] = -100
+    assert (labels == ignore_index).any()
+    z = torch.addmm(b, h.detach(), w.T).requires_grad_()  # the logits the fused path computes
+    want = csd_loss(z, t_logits, labels, weighting="SS", ignore_index=ignore_index, reduction=reduction)
+    (want_grad_z,) = torch.autograd.grad(want.sum(), (z,))
+    want_grad_h = want_grad_z @ w
+    loss_fn = csd_ext.FusedLinearCSDLoss(weighting="SS", ignore_index=ignore_index, reduction=reduction,
+                                         chunk_size=8)
+    for got in (csd_ext.fused_linear_csd(h, w, t_logits, labels, student_bias=b, weighting="SS",
+                                         ignore_index=ignore_index, reduction=reduction, chunk_size=8),
+                loss_fn(h, w, t_logits, labels=labels, student_bias=b)):
+        (got_grad_h,) = torch.autograd.grad(got.sum(), (h,))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got_grad_h, want_grad_h, rtol=1e-4, atol=1e-5 * want_grad_h.abs().max().item())
+    if reduction == "none":
+        assert (want[labels == ignore_index] == 0).all() and (want[labels == -100] > 0).all()

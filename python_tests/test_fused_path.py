@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from csd_ext import _ops, csd_loss
+from csd_ext.reference import csd_loss_reference
+from compile_testing import fresh_compile
 
 pytestmark = pytest.mark.skipif(not _ops.has_fused_kernel(torch.device("cpu")),
                                 reason="no fused CPU kernel in this build")
@@ -123,8 +125,15 @@ def test_no_grad_and_compile_use_the_op_pair(monkeypatch):
         csd_loss(z.clone().requires_grad_(True), t)
     csd_loss(z, t)  # nothing requires grad
     zc = z.clone().requires_grad_(True)
-    torch.compile(csd_loss, fullgraph=True)(zc, t).backward()  # traced: the op pair
-    assert zc.grad is not None
+    with fresh_compile():  # no on-disk caches (compile_testing.py)
+        torch.compile(csd_loss, fullgraph=True)(zc, t).backward()  # traced: the op pair
+    # Its values: the op pair's own gradient for a mean over 2 rows, and the
+    # float64 reference's (detached weights).
+    _close(zc.grad, _two_pass_grad(z, t, None, torch.full((2,), 0.5), weighting="SS", alpha=0.5, temperature=1.0),
+           torch.float32)
+    zr = z.double().requires_grad_(True)
+    csd_loss_reference(zr, t.double()).backward()
+    torch.testing.assert_close(zc.grad.double(), zr.grad, rtol=1e-4, atol=1e-5 * zr.grad.abs().max().item())
 
 
 @pytest.mark.parametrize("args", [
