@@ -291,6 +291,9 @@ def main(argv=None):
                     report["rows"].append({"N": n, "V": v, "dtype": dtype, "weighting": w, "bytes": moved,
                                            "bandwidth": bw, "results": results,
                                            "grad_check": grad_check(tmpdir, key, args.contenders, dtype)})
+                    if args.output:  # each finished configuration, so that a cut-short run keeps its rows
+                        with open(os.path.splitext(args.output)[0] + ".partial.json", "w") as f:
+                            json.dump(report, f)
     report["load_after"] = load_average()
     report["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(format_table(report, args))
