@@ -6,6 +6,7 @@ are quoted against the faster of the two formulations.
     python benchmarks/bench_loss.py                     # full grid, writes benchmarks/RESULTS.md
     python benchmarks/bench_loss.py --quick             # one small configuration, prints the table
     python benchmarks/bench_loss.py --device cuda --hbm-gbs 3350   # on a GPU (H100 SXM: 3350 GB/s)
+    python benchmarks/bench_loss.py --render OUT.partial.json OUT.md  # the finished rows of a cut-short run
 
 Every (configuration, contender) pair runs in its own subprocess
 (bench_worker.py), so peak memory is measured per contender; all numbers in
@@ -237,7 +238,25 @@ def grad_check(tmpdir, key, contenders, dtype):
     return {"max_rel_diff": out, "tolerance": tol, "ok": all(x <= tol for x in out.values())}
 
 
+def render(path, output):
+    """Writes the report of a saved (possibly cut-short) run: its finished rows."""
+    import types
+
+    with open(path) as f:
+        report = json.load(f)
+    args = types.SimpleNamespace(**report["args"])
+    args.output, args.plot = output, os.path.splitext(output)[0] + "_time_vs_size.png"
+    report.setdefault("load_after", load_average())
+    report.setdefault("finished_utc", "cut short after the rows below")
+    print(format_table(report, args))
+    write_results(report, args)
+    return report
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--render":  # bench_loss.py --render RUN.partial.json RESULTS.md
+        return render(argv[1], argv[2])
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
