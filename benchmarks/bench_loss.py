@@ -1,14 +1,17 @@
-"""Benchmark of the CSD loss: csd_ext against the paper's PyTorch formulation,
-eager and under torch.compile, forward+backward and forward alone.
+"""Benchmark of the CSD loss: csd_ext against two PyTorch formulations of the
+same loss -- the paper's (paper_style.py) and a lean one (lean.py) -- each
+eager and under torch.compile, forward+backward and forward alone.  Speedups
+are quoted against the faster of the two formulations.
 
     python benchmarks/bench_loss.py                     # full grid, writes benchmarks/RESULTS.md
     python benchmarks/bench_loss.py --quick             # one small configuration, prints the table
     python benchmarks/bench_loss.py --device cuda --hbm-gbs 3350   # on a GPU (H100 SXM: 3350 GB/s)
+    python benchmarks/bench_loss.py --render OUT.partial.json OUT.md  # the finished rows of a cut-short run
 
 Every (configuration, contender) pair runs in its own subprocess
 (bench_worker.py), so peak memory is measured per contender; all numbers in
 one invocation come from the same run.  See bench_worker.py for how time and
-memory are measured and paper_style.py for the baseline's formulation.
+memory are measured, paper_style.py and lean.py for the baselines.
 """
 
 import argparse
@@ -29,7 +32,7 @@ sys.path.insert(0, HERE)
 
 from bench_report import format_latency_table, format_table, write_results  # noqa: E402
 
-CONTENDERS = ("csd_ext", "eager", "compile")
+CONTENDERS = ("csd_ext", "paper_eager", "paper_compile", "lean_eager", "lean_compile")
 FULL_SHAPES = ((512, 50257), (2048, 32000), (64, 256000), (512, 256000), (1024, 152064))
 QUICK_SHAPES = ((64, 4096),)
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -61,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--min-repeats", type=int, default=5)
     p.add_argument("--max-repeats", type=int, default=30)
     p.add_argument("--min-time", type=float, default=1.5, help="seconds of timed calls per contender and pass")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the contenders this many times per configuration, interleaved, and pool the samples "
+                        "(on a loaded machine a change of load then hits every contender alike)")
     p.add_argument("--batch", type=int, default=None,
                    help="back-to-back calls per timed sample (default 10 on CUDA: the GPU time per call with the "
                         "queue kept full, plus a separate single-call latency; 1 on the CPU)")
@@ -91,6 +97,8 @@ def parse_args(argv=None):
         args.batch = 10 if args.device == "cuda" else 1
     if args.batch < 1:
         p.error("--batch: expected a positive number of calls")
+    if args.rounds < 1:
+        p.error("--rounds: expected a positive number of rounds")
     if args.output is None and not args.quick:
         args.output = os.path.join(HERE, "RESULTS.md")
     if args.output and args.plot is None:
@@ -202,6 +210,18 @@ def run_worker(spec, env):
     return json.loads(lines[-1])
 
 
+def merge_rounds(previous, new):
+    """Pools one contender's samples over interleaved rounds; the first
+    round's memory and gradient stand."""
+    if previous is None or "error" in new:
+        return new if previous is None else {**previous, "error": new["error"]}
+    merged = dict(previous)
+    for field in ("times_ms", "latency_ms"):
+        for mode, times in new.get(field, {}).items():
+            merged.setdefault(field, {}).setdefault(mode, []).extend(times)
+    return merged
+
+
 def grad_check(tmpdir, key, contenders, dtype):
     """Max |g - g_csd_ext| / max |g_csd_ext| over the first rows, per baseline."""
     ref_path = os.path.join(tmpdir, f"{key}-csd_ext.pt")
@@ -218,7 +238,25 @@ def grad_check(tmpdir, key, contenders, dtype):
     return {"max_rel_diff": out, "tolerance": tol, "ok": all(x <= tol for x in out.values())}
 
 
+def render(path, output):
+    """Writes the report of a saved (possibly cut-short) run: its finished rows."""
+    import types
+
+    with open(path) as f:
+        report = json.load(f)
+    args = types.SimpleNamespace(**report["args"])
+    args.output, args.plot = output, os.path.splitext(output)[0] + "_time_vs_size.png"
+    report.setdefault("load_after", load_average())
+    report.setdefault("finished_utc", "cut short after the rows below")
+    print(format_table(report, args))
+    write_results(report, args)
+    return report
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--render":  # bench_loss.py --render RUN.partial.json RESULTS.md
+        return render(argv[1], argv[2])
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -252,21 +290,29 @@ def main(argv=None):
                 for w in args.weightings:
                     key = f"{n}x{v}-{dtype}-{w}"
                     results = {}
-                    for c in args.contenders:
-                        spec = {"contender": c, "device": args.device, "N": n, "V": v, "dtype": dtype,
-                                "weighting": w, "alpha": args.alpha, "temperature": args.temperature,
-                                "ignore_frac": args.ignore_frac, "seed": args.seed, "warmup": args.warmup,
-                                "min_repeats": args.min_repeats, "max_repeats": args.max_repeats,
-                                "min_time_s": args.min_time, "batch": args.batch, "threads": args.threads, "modes": list(MODES),
-                                "measure_memory": not args.no_memory, "grad_rows": GRAD_ROWS,
-                                "grad_path": os.path.join(tmpdir, f"{key}-{c}.pt")}
-                        print(f"[bench] {key} {c} ...", file=sys.stderr, flush=True)
-                        results[c] = run_worker(spec, env)
-                        if "error" in results[c]:
-                            print(f"[bench]   {c} failed: {results[c]['error'][:300]}", file=sys.stderr)
+                    for rnd in range(args.rounds):
+                        for c in args.contenders:
+                            if rnd and "error" in results.get(c, {}):
+                                continue
+                            spec = {"contender": c, "device": args.device, "N": n, "V": v, "dtype": dtype,
+                                    "weighting": w, "alpha": args.alpha, "temperature": args.temperature,
+                                    "ignore_frac": args.ignore_frac, "seed": args.seed, "warmup": args.warmup,
+                                    "min_repeats": args.min_repeats, "max_repeats": args.max_repeats,
+                                    "min_time_s": args.min_time, "batch": args.batch, "threads": args.threads,
+                                    "modes": list(MODES), "measure_memory": not args.no_memory and rnd == 0,
+                                    "grad_rows": GRAD_ROWS,
+                                    "grad_path": os.path.join(tmpdir, f"{key}-{c}.pt") if rnd == 0 else None}
+                            print(f"[bench] {key} {c} (round {rnd + 1}/{args.rounds}) ...", file=sys.stderr,
+                                  flush=True)
+                            results[c] = merge_rounds(results.get(c), run_worker(spec, env))
+                            if "error" in results[c]:
+                                print(f"[bench]   {c} failed: {results[c]['error'][:300]}", file=sys.stderr)
                     report["rows"].append({"N": n, "V": v, "dtype": dtype, "weighting": w, "bytes": moved,
                                            "bandwidth": bw, "results": results,
                                            "grad_check": grad_check(tmpdir, key, args.contenders, dtype)})
+                    if args.output:  # each finished configuration, so that a cut-short run keeps its rows
+                        with open(os.path.splitext(args.output)[0] + ".partial.json", "w") as f:
+                            json.dump(report, f)
     report["load_after"] = load_average()
     report["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(format_table(report, args))

@@ -50,19 +50,23 @@ def make_inputs(spec, device):
 
 
 def make_fn(spec):
+    """The contender's loss function: csd_ext, or one of the two PyTorch
+    formulations (paper_style.py, lean.py), eager or under torch.compile."""
+    from lean import lean_csd
     from paper_style import paper_style_csd
 
     kw = dict(weighting=spec["weighting"], alpha=spec["alpha"], temperature=spec["temperature"])
-    if spec["contender"] == "csd_ext":
+    c = spec["contender"]
+    if c == "csd_ext":
         from csd_ext import csd_loss
 
         return lambda z, t, l: csd_loss(z, t, l, **kw)
-    if spec["contender"] == "eager":
-        return lambda z, t, l: paper_style_csd(z, t, l, **kw)
-    if spec["contender"] == "compile":
-        compiled = torch.compile(paper_style_csd)
-        return lambda z, t, l: compiled(z, t, l, **kw)
-    raise ValueError(f"unknown contender {spec['contender']!r}")
+    formulations = {"paper": paper_style_csd, "lean": lean_csd}
+    name, _, mode = c.partition("_")
+    if name not in formulations or mode not in ("eager", "compile"):
+        raise ValueError(f"unknown contender {c!r}")
+    fn = formulations[name] if mode == "eager" else torch.compile(formulations[name])
+    return lambda z, t, l: fn(z, t, l, **kw)
 
 
 class Timer:

@@ -38,7 +38,13 @@ except ImportError as exc:  # pragma: no cover - only without a build
         f"Original error: {exc}"
     ) from exc
 
-NUM_STATS = 6  # csd::kNumStats in csrc/csd_math.h
+# The per-row statistics csd_forward saves for csd_backward: csd::StatsColumn
+# in csrc/csd_math.h.  Each softmax's normaliser is kept as its max and its
+# log-sum apart: their fp32 sum (one log-sum-exp) would round to the ulp of
+# the logits, 2^-10 at 1e4, and scale the row's gradient by up to 4.9e-4.
+STATS = {"max_s": 0, "log_sum_s": 1, "max_t": 2, "log_sum_t": 3, "inv_count": 4, "mean1": 5, "mean2": 6,
+         "row_weight": 7}
+NUM_STATS = len(STATS)  # csd::kNumStats
 
 
 def accumulate_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:

@@ -50,14 +50,22 @@ namespace csd {
 // ---------------------------------------------------------------------------
 // Layout of the per-row statistics the forward saves for the backward.
 // ---------------------------------------------------------------------------
+// S's normaliser is kept as its two parts, the max of z/tau and the log of
+// sum exp(z/tau - max), never as their sum: in fp32 one log-sum-exp of logits
+// ~1e4 rounds to 2^-10, and S_k = exp(z_k/tau - lse) then carries that error
+// into every weight of the row (a gradient scale error of up to 4.9e-4 when
+// student and teacher share an offset of 1e4).  z_k/tau - max is exact there
+// (Sterbenz), and the log-sum is a few units in size.  T likewise.
 enum StatsColumn : int {
-  kLseS = 0,     // log-sum-exp of z/tau over unmasked entries (S's normaliser)
-  kLseT = 1,     // log-sum-exp of t/tau over unmasked entries (T's normaliser)
-  kInvCount = 2, // 1 / (number of unmasked entries)  (U's weight)
-  kMean1 = 3,    // E_w1[d]
-  kMean2 = 4,    // E_w2[d]
-  kRowWeight = 5,// 1 if the row counts (label != ignore_index), else 0
-  kNumStats = 6,
+  kMaxS = 0,     // max of z/tau over unmasked entries (S's shift)
+  kLogSumS = 1,  // log sum exp(z/tau - max) over unmasked entries
+  kMaxT = 2,     // max of t/tau over unmasked entries (T's shift)
+  kLogSumT = 3,  // log sum exp(t/tau - max) over unmasked entries
+  kInvCount = 4, // 1 / (number of unmasked entries)  (U's weight)
+  kMean1 = 5,    // E_w1[d]
+  kMean2 = 6,    // E_w2[d]
+  kRowWeight = 7,// 1 if the row counts (label != ignore_index), else 0
+  kNumStats = 8,
 };
 
 // ---------------------------------------------------------------------------
@@ -84,10 +92,11 @@ struct Moments {
 };
 
 // One finished row: its loss and what the backward needs.
+// S's and T's normalisers are each a max and a log-sum (see StatsColumn).
 template <typename acc_t>
 struct RowResult {
   acc_t loss;
-  acc_t lse_s, lse_t, inv_count;
+  acc_t max_s, log_sum_s, max_t, log_sum_t, inv_count;
   acc_t mean1, mean2;
 };
 
@@ -278,9 +287,10 @@ CSD_HD acc_t variance_of(const Moments<acc_t>& m) {
   return m.m2 / m.sum;
 }
 
+// log sum exp(a_i - max): the normaliser without its max (see StatsColumn).
 template <typename acc_t>
-CSD_HD acc_t log_sum_exp_of(const Moments<acc_t>& m) {
-  return m.max + log_of(m.sum);
+CSD_HD acc_t log_sum_of(const Moments<acc_t>& m) {
+  return log_of(m.sum);
 }
 
 // ---------------------------------------------------------------------------
@@ -315,7 +325,7 @@ CSD_HD RowResult<acc_t> finalize_row(const Moments<acc_t>& s,
                                      const Moments<acc_t>& u,
                                      const Mixture<acc_t>& w1,
                                      const Mixture<acc_t>& w2) {
-  RowResult<acc_t> r{acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  RowResult<acc_t> r{};  // all zero
   const Needs need = needs_of(w1, w2);
   const bool empty = (need.s && is_empty(s)) || (need.t && is_empty(t)) ||
                      (need.u && is_empty(u));
@@ -327,8 +337,10 @@ CSD_HD RowResult<acc_t> finalize_row(const Moments<acc_t>& s,
   const MeanVar<acc_t> b = mixture_mean_var(w2, ms, mt, mu);
   const acc_t gap = a.mean - b.mean;
   r.loss = acc_t(0.25) * (a.var + b.var + gap * gap);
-  r.lse_s = need.s ? log_sum_exp_of(s) : acc_t(0);
-  r.lse_t = need.t ? log_sum_exp_of(t) : acc_t(0);
+  r.max_s = need.s ? s.max : acc_t(0);
+  r.log_sum_s = need.s ? log_sum_of(s) : acc_t(0);
+  r.max_t = need.t ? t.max : acc_t(0);
+  r.log_sum_t = need.t ? log_sum_of(t) : acc_t(0);
   r.inv_count = need.u ? acc_t(1) / u.sum : acc_t(0);
   r.mean1 = a.mean;
   r.mean2 = b.mean;
@@ -340,8 +352,10 @@ CSD_HD RowResult<acc_t> finalize_row(const Moments<acc_t>& s,
 template <typename acc_t>
 CSD_HD void store_row_result(const RowResult<acc_t>& r, bool counted, acc_t* loss, acc_t* stats_row) {
   *loss = r.loss;
-  stats_row[kLseS] = r.lse_s;
-  stats_row[kLseT] = r.lse_t;
+  stats_row[kMaxS] = r.max_s;
+  stats_row[kLogSumS] = r.log_sum_s;
+  stats_row[kMaxT] = r.max_t;
+  stats_row[kLogSumT] = r.log_sum_t;
   stats_row[kInvCount] = r.inv_count;
   stats_row[kMean1] = r.mean1;
   stats_row[kMean2] = r.mean2;
@@ -352,7 +366,7 @@ CSD_HD void store_row_result(const RowResult<acc_t>& r, bool counted, acc_t* los
 // Per-element gradient.  Templated on T so it compiles for scalars (CUDA, CPU
 // tails, tests) and for at::vec::Vectorized (the CPU SIMD body).  The caller
 // zeroes masked entries.
-//   ws, wt : S_k and T_k (exp(z_k/tau - lse_s), exp(t_k/tau - lse_t)), or 0
+//   ws, wt : S_k and T_k (exp(z_k/tau - max_s - log_sum_s), likewise), or 0
 //            when the weighting does not use them;
 //   wu     : 1/count (U_k) or 0.
 //   scale  : grad_output of the row (times 1/n_valid for a mean, folded in
@@ -413,6 +427,26 @@ CSD_HD T element_grad_regrouped(const GradCoeffs<acc_t>& c, const Needs& need, c
   if (need.s) g = g + ws * (T(c.s_d) * e + T(c.s_k));
   if (need.t) g = g + wt * (T(c.t_d) * e + T(c.t_k));
   return g;
+}
+
+// The backward's coefficients for one row, from its saved statistics, with
+// S's and T's normalisers exp(-log_sum) folded into the S and T terms: the
+// kernels then take S_k's unnormalised part exp(z_k/tau - stats[kMaxS]) per
+// element (the same one exp as before) and the log-sum, kept apart from the
+// max, never meets the ~1e4-sized max in one fp32 number.  `half_scale` is
+// 1/2 * grad_output * row weight.  Unused bases have max = log-sum = 0.
+template <typename acc_t>
+CSD_HD GradCoeffs<acc_t> grad_coeffs_of_row(const Mixture<acc_t>& w1, const Mixture<acc_t>& w2,
+                                            const acc_t* stats_row, acc_t half_scale) {
+  GradCoeffs<acc_t> c = grad_coeffs(w1, w2, stats_row[kMean1], stats_row[kMean2],
+                                    stats_row[kInvCount], half_scale);
+  const acc_t ns = exp_of(-stats_row[kLogSumS]);
+  const acc_t nt = exp_of(-stats_row[kLogSumT]);
+  c.s_d *= ns;
+  c.s_k *= ns;
+  c.t_d *= nt;
+  c.t_k *= nt;
+  return c;
 }
 
 CSD_FUNCTIONS_END

@@ -231,3 +231,49 @@ def env_with_this_csd_ext(base=None):
     env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [package_root(), env.get("PYTHONPATH", "")] if p)
     return env
+
+
+def check_common_offset_gradient(z, t, labels=None, grad_output=None, **kw):
+    """Asserts csd_loss's gradient on fp32 z, t that share a large common
+    offset (z = c + a, t = c + b, |a|, |b| << c) is within the fp32 bound of
+    the *offset-free* problem, against the float64 reference.
+
+    At temperature 1 a kernel loses nothing to the offset: z_k - t_k and
+    z_k - max_j z_j are exact in fp32 (Sterbenz: the operands are within a
+    factor 2 of each other), so the weights exp(z_k - max) / sum and every
+    moment of d see exactly the values of the centred problem, and so do the
+    error bounds (magnitudes taken after centring).  A normaliser rebuilt as
+    one fp32 log-sum-exp of ~c (max + log sum, rounded to the ulp of c:
+    2^-10 at c = 1e4) scales a row's weights, hence its gradient, by up to
+    exp(2^-11) - 1 = 4.9e-4: far outside this bound."""
+    from csd_ext import csd_loss
+    from csd_ext.reference import csd_loss_reference, csd_weights
+
+    assert z.dtype == t.dtype == torch.float32 and kw.get("temperature", 1.0) == 1.0
+    vocab = z.shape[-1]
+    zk = z.clone().requires_grad_(True)
+    reduction = "none" if grad_output is not None else "mean"
+    out = csd_loss(zk, t, labels, reduction=reduction, **kw)
+    (out * grad_output.to(out.device, out.dtype)).sum().backward() if grad_output is not None else out.backward()
+    zs, ts = centred(as_f64(z).cpu(), as_f64(t).cpu())
+    zr = zs.clone().requires_grad_(True)
+    lab = None if labels is None else labels.cpu()
+    ref = csd_loss_reference(zr, ts, lab, reduction=reduction, **kw)
+    (ref * grad_output.double().cpu()).sum().backward() if grad_output is not None else ref.backward()
+    ref_grad = zr.grad.reshape(-1, vocab)
+    # Per-row |grad_output| as the reduction applies it (mean: 1 / valid rows).
+    if grad_output is not None:
+        scale = grad_output.double().cpu().reshape(-1, 1).abs()
+    else:
+        valid = torch.ones(ref_grad.shape[0], dtype=torch.bool) if labels is None else \
+            (labels.cpu().reshape(-1) != kw.get("ignore_index", -100))
+        scale = (valid.double() / valid.sum().clamp(min=1)).reshape(-1, 1)
+    z2, t2 = zs.reshape(-1, vocab), ts.reshape(-1, vocab)
+    w1, w2 = csd_weights(z2, t2, kw.get("weighting", "SS"), kw.get("alpha", 0.5), 1.0)
+    rho = weight_error(z2, t2, 1.0)
+    gtol = (grad_tolerance(z2, t2, ref_grad, w1 * scale, w2 * scale) + scale * weight_error_grad(z2, t2, w1, w2, rho)
+            + EPS32 * ref_grad.abs() + torch.finfo(torch.float32).tiny)
+    gerr = (zk.grad.cpu().double().reshape(-1, vocab) - ref_grad).abs()
+    worst = (gerr / gtol).max().item()
+    assert worst <= 1, f"grad error {gerr.max().item():.3g}, worst ratio to the fp32 bound {worst:.3g}"
+    return worst

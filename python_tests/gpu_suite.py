@@ -451,6 +451,22 @@ def test_shift_invariance(gpu, weighting, seed):
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-7, atol=1e-11)
 
 
+@pytest.mark.parametrize("weighting", ["SS", "TS", "MU"])
+@pytest.mark.parametrize("shape", [(6, 3000), (2, 40000)], ids=["rows", "split-rows"])
+def test_common_offset_keeps_the_gradient_exact(gpu, weighting, shape):
+    """Issue 13 item 6: student and teacher sharing an offset of 1e4 in fp32
+    lose nothing (stats keep each max and log-sum apart; csd_testing.
+    check_common_offset_gradient says why).  Per-row grad_output, so the
+    backward kernel rebuilds the weights from the stats."""
+    from csd_testing import check_common_offset_gradient
+
+    z, t = make_logits(shape, dtype=torch.float64, seed=21)
+    c = 1e4 + torch.rand(shape[0], 1, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    g = torch.randn(shape[0], generator=torch.Generator().manual_seed(23))
+    check_common_offset_gradient((z + c).float().to(gpu.device), (t + c).float().to(gpu.device),
+                                 grad_output=g.to(gpu.device), weighting=weighting, alpha=0.3)
+
+
 @pytest.mark.parametrize("weighting", ["TT", "UU", "TU", "UT"])
 def test_gradcheck_when_weights_do_not_depend_on_student(gpu, weighting):
     z, t = make_logits((3, 2, 11), scale=2.0, dtype=torch.float64, seed=5, mask_frac=0.1, device=gpu.device)

@@ -408,14 +408,16 @@ void segment_grad(const zs_t* zrow, const ts_t* trow, zs_t* grow, int64_t begin,
   using Vec = Vectorized<acc_t>;
   using L = Lanes<acc_t>;
   const Needs need = nt.get();
-  const Vec vinv(inv_temp), neg_lse_s(-st[kLseS]), neg_lse_t(-st[kLseT]);
+  // c has the normalisers folded in (grad_coeffs_of_row): S_k's exp here is
+  // relative to the row's max only.
+  const Vec vinv(inv_temp), neg_max_s(-st[kMaxS]), neg_max_t(-st[kMaxT]);
   // The coefficients as vectors up front: read through the reference, the
   // compiler would reload them every step (the output might alias them).
   const GradCoeffs<Vec> vc{Vec(c.pivot), Vec(c.s_d), Vec(c.s_k), Vec(c.t_d),
                            Vec(c.t_k),   Vec(c.u_d), Vec(c.u_k)};
   auto grad_of = [&](const Vec& vz, const Vec& vt) {
-    const Vec ws = need.s ? L::exp(at::vec::fmadd(vz, vinv, neg_lse_s)) : Vec(0);
-    const Vec wt = need.t ? L::exp(at::vec::fmadd(vt, vinv, neg_lse_t)) : Vec(0);
+    const Vec ws = need.s ? L::exp(at::vec::fmadd(vz, vinv, neg_max_s)) : Vec(0);
+    const Vec wt = need.t ? L::exp(at::vec::fmadd(vt, vinv, neg_max_t)) : Vec(0);
     return L::or_zero(L::unmasked(vz, vt), element_grad_regrouped(vc, need, ws, wt, vz - vt));
   };
   constexpr int64_t kStep = 2 * Vec::size();
@@ -432,8 +434,8 @@ void segment_grad(const zs_t* zrow, const ts_t* trow, zs_t* grow, int64_t begin,
       grow[j] = zs_t(0);
       continue;
     }
-    const acc_t ws = need.s ? exp_of(z * inv_temp - st[kLseS]) : acc_t(0);
-    const acc_t wt = need.t ? exp_of(t * inv_temp - st[kLseT]) : acc_t(0);
+    const acc_t ws = need.s ? exp_of(z * inv_temp - st[kMaxS]) : acc_t(0);
+    const acc_t wt = need.t ? exp_of(t * inv_temp - st[kMaxT]) : acc_t(0);
     grow[j] = static_cast<zs_t>(element_grad_regrouped(c, need, ws, wt, z - t));
   }
 }
@@ -443,7 +445,7 @@ template <typename acc_t>
 inline void store_row(const RowMoments<acc_t>& m, bool counted, const Mixture<acc_t>& w1,
                       const Mixture<acc_t>& w2, acc_t* loss, acc_t* st) {
   const RowResult<acc_t> res =
-      counted ? finalize_row(m.s, m.t, m.u, w1, w2) : RowResult<acc_t>{0, 0, 0, 0, 0, 0};
+      counted ? finalize_row(m.s, m.t, m.u, w1, w2) : RowResult<acc_t>{};
   store_row_result(res, counted, loss, st);
 }
 
@@ -482,8 +484,7 @@ struct Problem {
       return;
     }
     const acc_t half_scale = acc_t(0.5) * scale * st[kRowWeight];
-    const GradCoeffs<acc_t> c =
-        grad_coeffs(w1, w2, st[kMean1], st[kMean2], st[kInvCount], half_scale);
+    const GradCoeffs<acc_t> c = grad_coeffs_of_row(w1, w2, st, half_scale);
     segment_grad(z + r * zstride, t + r * tstride, grow, begin, end, st, c, nt, inv_temp);
   }
 
@@ -508,8 +509,10 @@ struct Problem {
 
 // The fused forward's gradient pass for one row, from the row-mode scratch
 // (still in L2) instead of the logits: S_k = exp(z_k/tau - max_tile) *
-// exp(max_tile - lse), so each tile's S (and T) coefficients are scaled by
-// one scalar exp and no per-entry exp is recomputed.  `c` holds the row's
+// exp((max_tile - max_row) - log_sum), so each tile's S (and T) coefficients
+// are scaled by one scalar exp and no per-entry exp is recomputed.  The two
+// maxima are close fp32 numbers, so their difference is exact; the log-sum is
+// added only then (see csd_math.h's StatsColumn).  `c` holds the row's
 // coefficients (grad_output folded in); d in the scratch is d - pivot.
 template <typename zs_t, typename acc_t, typename NeedsT>
 void grad_from_scratch(const Scratch<acc_t>& sc, int64_t vocab, const acc_t* st,
@@ -520,8 +523,8 @@ void grad_from_scratch(const Scratch<acc_t>& sc, int64_t vocab, const acc_t* st,
   const acc_t pivot = c.pivot - sc.pivot;  // mean1 relative to the stored d - pivot
   for (int64_t j = 0; j < vocab; j += kTile) {
     const int64_t n = std::min(kTile, vocab - j);
-    const acc_t fs = need.s ? exp_of(sc.max_s[j / kTile] - st[kLseS]) : acc_t(0);
-    const acc_t ft = need.t ? exp_of(sc.max_t[j / kTile] - st[kLseT]) : acc_t(0);
+    const acc_t fs = need.s ? exp_of((sc.max_s[j / kTile] - st[kMaxS]) - st[kLogSumS]) : acc_t(0);
+    const acc_t ft = need.t ? exp_of((sc.max_t[j / kTile] - st[kMaxT]) - st[kLogSumT]) : acc_t(0);
     const GradCoeffs<acc_t> tc{pivot, c.s_d * fs, c.s_k * fs, c.t_d * ft, c.t_k * ft, c.u_d, c.u_k};
     const GradCoeffs<Vec> vc{Vec(tc.pivot), Vec(tc.s_d), Vec(tc.s_k), Vec(tc.t_d),
                              Vec(tc.t_k),   Vec(tc.u_d), Vec(tc.u_k)};

@@ -50,11 +50,11 @@ __global__ void __launch_bounds__(
   GradMath<acc_t> g;
   g.need = a.need;
   g.inv_temp = a.inv_temp;
-  g.lse_s = st[kLseS];
-  g.lse_t = st[kLseT];
+  g.max_s = st[kMaxS];
+  g.max_t = st[kMaxT];
   g.live = weight != acc_t(0);  // ignored token: exact zeros, whatever its logits hold
   const acc_t half_scale = g.live ? acc_t(0.5) * a.grad_loss[row * a.grad_loss_stride] * weight : acc_t(0);
-  g.coeffs = grad_coeffs(a.w1, a.w2, st[kMean1], st[kMean2], st[kInvCount], half_scale);
+  g.coeffs = grad_coeffs_of_row(a.w1, a.w2, st, half_scale);
   grad_segment<kBases>(grad + row * a.vocab + begin, student + row * a.zstride + begin,
                teacher + row * a.tstride + begin, n, lane, a.group, g);
 }

@@ -522,8 +522,9 @@ template <typename acc_t>
 struct GradMath {
   Needs need;
   acc_t inv_temp;
-  acc_t lse_s, lse_t;      // S_k = exp(z_k/tau - lse_s), T_k likewise
-  GradCoeffs<acc_t> coeffs;  // grad_coeffs(): means, U's 1/count and 1/2 * grad_loss * row weight folded in
+  acc_t max_s, max_t;      // S_k = exp(z_k/tau - max_s) / sum_s, T_k likewise
+  GradCoeffs<acc_t> coeffs;  // grad_coeffs_of_row(): means, 1/sum_s, 1/sum_t, U's 1/count and
+                             // 1/2 * grad_loss * row weight folded in
   bool live;               // false for an ignored row: write zeros, read nothing
 };
 
@@ -536,8 +537,8 @@ struct GradMath {
 template <unsigned kBases, typename acc_t>
 CSD_HD acc_t grad_of(acc_t z, acc_t t, const GradMath<acc_t>& g) {
   const Needs need = variant_needs<kBases>(g.need);
-  const acc_t ws = need.s ? exp_fast(z * g.inv_temp - g.lse_s) : acc_t(0);
-  const acc_t wt = need.t ? exp_fast(t * g.inv_temp - g.lse_t) : acc_t(0);
+  const acc_t ws = need.s ? exp_fast(z * g.inv_temp - g.max_s) : acc_t(0);  // times 1/sum_s, in coeffs
+  const acc_t wt = need.t ? exp_fast(t * g.inv_temp - g.max_t) : acc_t(0);
   const acc_t grad = element_grad_regrouped(g.coeffs, need, ws, wt, z - t);
   return is_unmasked(z, t) ? grad : acc_t(0);
 }

@@ -245,8 +245,8 @@ void check_backward(int n, int oz, int ot, int oo, int group, bool live, uint32_
   const Mixture<acc_t> w2 = mixture_of<acc_t>('U', acc_t(0.3));
   g.need = needs_of(w1, w2);
   g.inv_temp = acc_t(1 / 1.3);
-  g.lse_s = acc_t(9.0);
-  g.lse_t = acc_t(7.5);
+  g.max_s = acc_t(9.0);
+  g.max_t = acc_t(7.5);
   g.coeffs = grad_coeffs(w1, w2, acc_t(4.1), acc_t(3.9), acc_t(1.0 / n), acc_t(0.5 * 1.7));
   g.live = live;
   zb.guard(true);

@@ -265,8 +265,9 @@ void finalize_matches_direct(double rtol) {
             CHECK_CLOSE(res.loss, ref.loss, rtol, rtol);
             CHECK_CLOSE(res.mean1, ref.mean1, rtol, rtol);
             CHECK_CLOSE(res.mean2, ref.mean2, rtol, rtol);
-            CHECK_CLOSE(res.lse_s, need.s ? ref.lse_s : 0.0, rtol, rtol);
-            CHECK_CLOSE(res.lse_t, need.t ? ref.lse_t : 0.0, rtol, rtol);
+            // The normalisers come as max and log-sum, kept apart (StatsColumn).
+            CHECK_CLOSE(double(res.max_s) + double(res.log_sum_s), need.s ? ref.lse_s : 0.0, rtol, rtol);
+            CHECK_CLOSE(double(res.max_t) + double(res.log_sum_t), need.t ? ref.lse_t : 0.0, rtol, rtol);
             CHECK_CLOSE(res.inv_count, need.u ? ref.inv_count : 0.0, rtol, 0);
           }
         }
@@ -291,8 +292,8 @@ std::vector<double> kernel_grad(const Logits& l, char c1, char c2, double alpha,
       g[k] = 0;
       continue;
     }
-    const acc_t ws = need.s ? csd::exp_of(z / acc_t(tau) - r.lse_s) : acc_t(0);
-    const acc_t wt = need.t ? csd::exp_of(t / acc_t(tau) - r.lse_t) : acc_t(0);
+    const acc_t ws = need.s ? csd::exp_of(z / acc_t(tau) - r.max_s) * csd::exp_of(-r.log_sum_s) : acc_t(0);
+    const acc_t wt = need.t ? csd::exp_of(t / acc_t(tau) - r.max_t) * csd::exp_of(-r.log_sum_t) : acc_t(0);
     const acc_t gw1 = csd::mixture_weight(w1, ws, wt, r.inv_count);
     const acc_t gw2 = csd::mixture_weight(w2, ws, wt, r.inv_count);
     g[k] = double(csd::element_grad(gw1, gw2, z - t, r.mean1, r.mean2, acc_t(0.5 * grad_output)));
@@ -376,7 +377,8 @@ TEST_CASE(empty_states_are_identities) {
   // An empty row (every entry masked) finalises to a zero loss and zero stats.
   const auto w = csd::mixture_of<float>('S', 0.5f);
   const auto r = csd::finalize_row(e, e, e, w, w);
-  CHECK(r.loss == 0 && r.lse_s == 0 && r.lse_t == 0 && r.inv_count == 0 && r.mean1 == 0 && r.mean2 == 0);
+  CHECK(r.loss == 0 && r.max_s == 0 && r.log_sum_s == 0 && r.max_t == 0 && r.log_sum_t == 0 &&
+        r.inv_count == 0 && r.mean1 == 0 && r.mean2 == 0);
 }
 
 TEST_CASE(nan_propagates) {
