@@ -7,19 +7,21 @@ for the backward kernel.
 The vocab-parallel loss merges the row statistics across ranks itself and
 then calls the compiled backward `csd_ext::csd_backward` on the local shard,
 handing it a stats tensor of the *global* row.  That tensor must follow
-csd::StatsColumn in csrc/csd_math.h (today: lse_s, lse_t, 1/count, mean1,
-mean2, row weight).  If that layout changes (e.g. keeping each row's max and
-log-sum apart), only `kernel_stats` below changes; tests in
+csd::StatsColumn in csrc/csd_math.h (max_s, log_sum_s, max_t, log_sum_t,
+1/count, mean1, mean2, row weight: each softmax's max and log-sum are kept
+apart, so a merged max of ~1e4 never meets the log-sum in one fp32 number).
+If that layout changes, only this file changes; tests in
 python_tests/test_parallel.py compare against single-process csd_loss, so a
 stale layout fails them.
 """
 
 import torch
 
-from .._ops import NUM_STATS
+from .._ops import NUM_STATS, STATS
 
 # csd::StatsColumn (csrc/csd_math.h)
-kLseS, kLseT, kInvCount, kMean1, kMean2, kRowWeight = range(6)
+kMaxS, kLogSumS, kMaxT, kLogSumT = STATS["max_s"], STATS["log_sum_s"], STATS["max_t"], STATS["log_sum_t"]
+kInvCount, kMean1, kMean2 = STATS["inv_count"], STATS["mean1"], STATS["mean2"]
 
 
 def kernel_stats(max_s, sum_s, max_t, sum_t, count, mean1, mean2, row_weight, need, empty):
@@ -36,10 +38,16 @@ def kernel_stats(max_s, sum_s, max_t, sum_t, count, mean1, mean2, row_weight, ne
     def col(use, value):
         return torch.where(empty, zero, value) if use else zero
 
-    lse_s = col(need[0], max_s + torch.log(sum_s))
-    lse_t = col(need[1], max_t + torch.log(sum_t))
-    inv_count = col(need[2], 1.0 / count)
-    stats = torch.stack([lse_s, lse_t, inv_count, col(True, mean1), col(True, mean2), row_weight], dim=-1)
+    columns = [None] * NUM_STATS
+    columns[kMaxS] = col(need[0], max_s)
+    columns[kLogSumS] = col(need[0], torch.log(sum_s))
+    columns[kMaxT] = col(need[1], max_t)
+    columns[kLogSumT] = col(need[1], torch.log(sum_t))
+    columns[kInvCount] = col(need[2], 1.0 / count)
+    columns[kMean1] = col(True, mean1)
+    columns[kMean2] = col(True, mean2)
+    columns[STATS["row_weight"]] = row_weight
+    stats = torch.stack(columns, dim=-1)
     assert stats.shape[-1] == NUM_STATS, "csd_ext.parallel._kernel_stats is out of date with csrc/csd_math.h"
     return stats
 
@@ -49,7 +57,8 @@ def kernel_partial_states(student, teacher, row_mask, need, temperature, acc):
 
     csd_forward with the weighting "bb" (one base distribution b on both sides) gives per
     row lse_b, E_b d (mean1) and a loss of Var_b(d) / 2; as a state relative to its own
-    log-sum-exp that is (max = lse_b, sum = 1, mean = E_b d, m2 = Var_b d), which merges by
+    max and log-sum that is (max_b, sum = exp(log_sum_b), mean = E_b d, m2 = Var_b d * sum),
+    which merges by
     the same Chan formula.  A "UU" pass is always made: its 1/count tells the rows with no
     unmasked column on this shard (the kernel writes zeros there; they become the empty
     state) and gives U's state (max 0, sum = count).  Rows with row_mask False are skipped
@@ -75,7 +84,10 @@ def kernel_partial_states(student, teacher, row_mask, need, temperature, acc):
             state = (torch.zeros_like(count), count, st_u[:, kMean1], 2 * loss_u * count)
         else:
             loss_b, st_b = fwd(student, teacher, row_mask, "SS" if b == 0 else "TT", 0.5, temperature)
-            state = (st_b[:, kLseS if b == 0 else kLseT], one, st_b[:, kMean1], 2 * loss_b)
+            # max and sum = exp(log-sum) of the shard's normaliser; m2 = Var_b(d) * sum
+            shift, log_sum = (kMaxS, kLogSumS) if b == 0 else (kMaxT, kLogSumT)
+            total = torch.exp(st_b[:, log_sum])
+            state = (st_b[:, shift], total, st_b[:, kMean1], 2 * loss_b * total)
         out[:, j] = torch.stack(state, dim=-1)
     out[empty] = torch.tensor([float("-inf"), 0.0, 0.0, 0.0], dtype=acc, device=out.device)
     return out

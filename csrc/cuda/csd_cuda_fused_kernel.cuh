@@ -528,11 +528,11 @@ __global__ void __launch_bounds__(kThreads)
   GradMath<acc_t> gm;
   gm.need = a.need;
   gm.inv_temp = a.inv_temp;
-  gm.lse_s = st[kLseS];
-  gm.lse_t = st[kLseT];
+  gm.max_s = st[kMaxS];
+  gm.max_t = st[kMaxT];
   gm.live = weight != acc_t(0);
   const acc_t half_scale = gm.live ? acc_t(0.5) * a.grad_loss[row * a.grad_loss_stride] * weight : acc_t(0);
-  gm.coeffs = grad_coeffs(a.w1, a.w2, st[kMean1], st[kMean2], st[kInvCount], half_scale);
+  gm.coeffs = grad_coeffs_of_row(a.w1, a.w2, st, half_scale);  // 1/sum_s, 1/sum_t folded in
   grad_segment<kBases>(grad + row * a.vocab + begin, student + row * a.zstride + begin,
                        teacher + row * a.tstride + begin, n, lane, a.group, gm);
 }
