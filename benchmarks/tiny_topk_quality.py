@@ -232,6 +232,18 @@ def main(argv=None):
             f.write(text)
 
 
+def code_version():
+    """The commit this script ran from (the recorded table must say which code produced it)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def table(rows, vocab, cfg, a, seconds):
     t = cfg.tiny
     lines = ["| model | k | kd_ratio | greedy ROUGE-L | greedy exact match % | val CE |",
@@ -243,8 +255,10 @@ def table(rows, vocab, cfg, a, seconds):
              f"student {t.student_layers}L d{t.student_dim} pretrained {t.pretrain_steps} steps, then "
              f"{t.student_steps} distillation steps at lr {a.lr:g}; {t.n_eval} held-out test prompts, greedy "
              f"decoding; one seed ({cfg.seed})",
-             f"settings: {' '.join(a.set) or 'the preset as shipped'}; whole run {seconds:.0f} s (reused "
-             f"stages and runs not counted) on a shared CPU"]
+             f"settings: {' '.join(a.set) or 'the preset as shipped'}, --lr {a.lr:g}; whole run {seconds:.0f} s "
+             f"(reused stages and runs not counted)",
+             f"code: commit {code_version()} (benchmarks/tiny_topk_quality.py on the tiny pipeline of "
+             f"csd_ext/distill/tiny/)"]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
