@@ -140,8 +140,16 @@ class CSDTrainer(Trainer):
                                        or vocab_size < 1):
             raise ValueError(f"vocab_size must be None or an int >= 1, got {vocab_size!r}")
         super().__init__(model, args, *trainer_args, **kwargs)
+        # The fused path multiplies lm_head.weight outside the head's forward.  Under FSDP that
+        # parameter is a shard (or an all-gathered copy whose gradient FSDP does not reduce as
+        # it would for the head's own forward): untested and not known to be correct, so refuse.
+        fsdp = bool(getattr(self, "is_fsdp_enabled", False))
         if use_fused_linear is None:
-            use_fused_linear = output_head(self.model).weight.shape[0] >= FUSED_VOCAB_THRESHOLD
+            use_fused_linear = not fsdp and output_head(self.model).weight.shape[0] >= FUSED_VOCAB_THRESHOLD
+        if use_fused_linear and fsdp:
+            raise ValueError("CSDTrainer: use_fused_linear=True is not supported under FSDP (the fused path reads "
+                             "lm_head.weight outside the head's forward, where FSDP shards it); pass "
+                             "use_fused_linear=False (the logits path) when training with fsdp/fsdp_config")
         self.use_fused_linear = bool(use_fused_linear)
         self.vocab_size = vocab_size
         # Make Trainer count the label tokens of the whole accumulated batch (it does so only
