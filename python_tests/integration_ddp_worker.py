@@ -1,8 +1,8 @@
 """Run under torchrun (2 processes): one CSDTrainer step of 2 x batch 2 x accumulation 2 for each
-kd_ratio given, in one process group (process start-up dominates the cost); rank 0 saves each
+case given (a kd_ratio, ``+fused`` for use_fused_linear), in one process group (process start-up dominates the cost); rank 0 saves each
 case's parameter update and logged loss (test_integrations_transformers.py).
 
-    integration_ddp_worker.py OUT 0.5,1.0 ddp     # CPU, gloo, DDP
+    integration_ddp_worker.py OUT 0.5,1.0,0.5+fused ddp   # CPU, gloo, DDP
     integration_ddp_worker.py OUT 0.5,1.0 fsdp2   # >= 2 CUDA GPUs, nccl, Trainer's FSDP2
 
 The ddp mode also records what Trainer makes of an FSDP2 ``fsdp_config`` on CPU: accelerate
@@ -35,11 +35,11 @@ def full_flat(model):
     return torch.cat([p.detach().float().cpu().flatten() for p in parts])
 
 
-def make_trainer(out, mode, kd_ratio):
+def make_trainer(out, mode, kd_ratio, fused):
     student, teacher = tiny_lm(seed=0), tiny_lm(size="teacher", seed=1)
     trainer = CSDTrainer(model=student, teacher_model=teacher, args=make_args(out, mode),
                          train_dataset=ListDataset(token_examples()), data_collator=stack_collator,
-                         kd_ratio=kd_ratio, use_fused_linear=False, csd_kwargs=dict(weighting="SS", temperature=1.3))
+                         kd_ratio=kd_ratio, use_fused_linear=fused, csd_kwargs=dict(weighting="SS", temperature=1.3))
     return trainer, student
 
 
@@ -52,15 +52,16 @@ def fsdp2_on_cpu(out):
             "plugin_requested": args.fsdp_plugin_args is not None}
 
 
-def main(out, kd_ratios, mode):
+def main(out, cases, mode):
     results = {}
     if mode == "ddp":
         results["fsdp2_on_cpu"] = fsdp2_on_cpu(out)
-    for kd_ratio in kd_ratios:
-        trainer, student = make_trainer(out, mode, kd_ratio)
+    for case in cases:
+        kd_ratio, fused = float(case.split("+")[0]), case.endswith("+fused")
+        trainer, student = make_trainer(out, mode, kd_ratio, fused)
         before = full_flat(student)
         trainer.train()
-        results[kd_ratio] = {"update": before - full_flat(trainer.model), "loss": trainer.state.log_history[0]["loss"],
+        results[case] = {"update": before - full_flat(trainer.model), "loss": trainer.state.log_history[0]["loss"],
                              "wrapper": type(trainer.model_wrapped).__name__}
     if trainer.is_world_process_zero():
         torch.save(results, f"{out}/result.pt")
@@ -68,4 +69,4 @@ def main(out, kd_ratios, mode):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], [float(r) for r in sys.argv[2].split(",")], sys.argv[3] if len(sys.argv) > 3 else "ddp")
+    main(sys.argv[1], sys.argv[2].split(","), sys.argv[3] if len(sys.argv) > 3 else "ddp")
