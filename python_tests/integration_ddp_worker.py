@@ -3,11 +3,16 @@ case given (a kd_ratio, ``+fused`` for use_fused_linear), in one process group (
 case's parameter update and logged loss (test_integrations_transformers.py).
 
     integration_ddp_worker.py OUT 0.5,1.0,0.5+fused ddp   # CPU, gloo, DDP
+    integration_ddp_worker.py OUT 0.5,1.0 fsdp2cpu        # CPU, gloo, FSDP2 forced (below)
     integration_ddp_worker.py OUT 0.5,1.0 fsdp2   # >= 2 CUDA GPUs, nccl, Trainer's FSDP2
 
 The ddp mode also records what Trainer makes of an FSDP2 ``fsdp_config`` on CPU: accelerate
 1.16 drops the FSDP plugin unless the processes are on an accelerator (MULTI_GPU, ...), so on
-CPU Trainer silently wraps the model in DDP instead (docs/integrations.md).
+CPU Trainer silently wraps the model in DDP instead (docs/integrations.md).  The fsdp2cpu mode
+sets, right after Trainer built its Accelerator, what accelerate would have set on GPUs
+(``distributed_type = FSDP`` and the plugin Trainer made from ``fsdp_config``): from there on
+Trainer and accelerate run their own FSDP2 code (``fully_shard`` per GPT2Block and the root,
+DTensor parameters) on CPU.
 """
 
 import sys
@@ -22,7 +27,8 @@ FSDP2 = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wra
 
 
 def make_args(out, mode):
-    extra = dict(use_cpu=True, ddp_backend="gloo") if mode == "ddp" else dict(ddp_backend="nccl", **FSDP2)
+    extra = {"ddp": dict(use_cpu=True, ddp_backend="gloo"), "fsdp2cpu": dict(use_cpu=True, ddp_backend="gloo", **FSDP2),
+             "fsdp2": dict(ddp_backend="nccl", **FSDP2)}[mode]
     return TrainingArguments(output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                              max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
                              max_grad_norm=0.0, weight_decay=0.0, report_to="none", save_strategy="no",
@@ -40,7 +46,19 @@ def make_trainer(out, mode, kd_ratio, fused):
     trainer = CSDTrainer(model=student, teacher_model=teacher, args=make_args(out, mode),
                          train_dataset=ListDataset(token_examples()), data_collator=stack_collator,
                          kd_ratio=kd_ratio, use_fused_linear=fused, csd_kwargs=dict(weighting="SS", temperature=1.3))
+    if mode == "fsdp2cpu":
+        force_fsdp2(trainer)
     return trainer, student
+
+
+def force_fsdp2(trainer):
+    """Enable accelerate's FSDP2 on CPU processes as accelerate does for GPU ones (state.py)."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    trainer.is_fsdp_enabled = True
 
 
 def fsdp2_on_cpu(out):
@@ -56,13 +74,16 @@ def main(out, cases, mode):
     results = {}
     if mode == "ddp":
         results["fsdp2_on_cpu"] = fsdp2_on_cpu(out)
-    for case in cases:
+    for case in cases:  # "fsdp2cpu:0.5" runs after the DDP cases (forcing FSDP changes the shared state)
+        case_mode, case = case.split(":") if ":" in case else (mode, case)
         kd_ratio, fused = float(case.split("+")[0]), case.endswith("+fused")
-        trainer, student = make_trainer(out, mode, kd_ratio, fused)
+        trainer, student = make_trainer(out, case_mode, kd_ratio, fused)
         before = full_flat(student)
         trainer.train()
-        results[case] = {"update": before - full_flat(trainer.model), "loss": trainer.state.log_history[0]["loss"],
-                             "wrapper": type(trainer.model_wrapped).__name__}
+        results[f"{case_mode}:{case}"] = {"update": before - full_flat(trainer.model),
+                                          "loss": trainer.state.log_history[0]["loss"],
+                                          "wrapper": type(trainer.model_wrapped).__name__,
+                                          "head_weight": type(trainer.model.lm_head.weight).__name__}
     if trainer.is_world_process_zero():
         torch.save(results, f"{out}/result.pt")
     torch.distributed.destroy_process_group()

@@ -151,42 +151,48 @@ def run_two_processes(tmp_path, cases, mode):
 
 
 def assert_equals_one_process(tmp_path, results, cases, rtol, atol):
-    """Each case ("0.5", "1.0", "0.5+fused") equals one process x batch 8 on the same data."""
+    """Each case ("ddp:0.5", "fsdp2cpu:1.0", "ddp:0.5+fused") equals one process x batch 8."""
     for case in cases:
-        kd_ratio, fused = float(case.split("+")[0]), case.endswith("+fused")
-        grad8, loss8, _ = one_step(tmp_path / case, 8, 1, kd_ratio, fused)
+        spec = case.split(":")[1]
+        kd_ratio, fused = float(spec.split("+")[0]), spec.endswith("+fused")
+        grad8, loss8, _ = one_step(tmp_path / case.replace(":", "_"), 8, 1, kd_ratio, fused)
         torch.testing.assert_close(results[case]["update"], grad8, rtol=rtol, atol=atol,
                                    msg=lambda m: f"case {case}: {m}")
         assert results[case]["loss"] == pytest.approx(loss8, rel=rtol), case
 
 
 def test_two_gloo_processes_equal_one(tmp_path):
-    """2 processes x batch 2 x accumulation 2 (DDP on gloo, tokens averaged across devices)
-    == 1 process x batch 8, in one optimiser step, for kd_ratio 0.5 and 1 on the logits path and
-    kd_ratio 0.5 on the fused path (one torchrun: start-up dominates)."""
-    cases = ("0.5", "1.0", "0.5+fused")
-    results = run_two_processes(tmp_path, cases, "ddp")
-    assert all(results[c]["wrapper"] == "DistributedDataParallel" for c in cases), results
-    assert_equals_one_process(tmp_path, results, cases, rtol=1e-5, atol=1e-7)
-    # Why test_fsdp2_processes_equal_one cannot run here: with use_cpu, accelerate 1.16 drops
-    # the FSDP plugin Trainer builds from fsdp_config (FSDP only for MULTI_GPU/XPU/NPU/...
-    # processes) and Trainer wraps the model in DDP.  If this changes, enable that test on CPU.
+    """2 processes x batch 2 x accumulation 2 (tokens averaged across devices) == 1 process x
+    batch 8, in one optimiser step, all in one torchrun (start-up dominates the cost):
+    - DDP: kd_ratio 0.5 and 1 on the logits path, kd_ratio 0.5 on the fused path;
+    - FSDP2 through Trainer (fsdp_config version 2), forced on CPU: kd_ratio 0.5 and 1, logits path.
+    accelerate 1.16 enables FSDP only on accelerator processes: on CPU it drops the plugin and
+    Trainer runs DDP (checked below).  The worker sets, after Trainer built its Accelerator, what
+    accelerate would set on GPUs; from there Trainer's and accelerate's own FSDP2 code runs."""
+    ddp, fsdp2 = ["ddp:0.5", "ddp:1.0", "ddp:0.5+fused"], ["fsdp2cpu:0.5", "fsdp2cpu:1.0"]
+    results = run_two_processes(tmp_path, ddp + fsdp2, "ddp")
+    assert all(results[c]["wrapper"] == "DistributedDataParallel" for c in ddp), results
+    # really sharded: FSDP2's fully_shard wrapper class, parameters as DTensors
+    assert all(results[c]["wrapper"].startswith("FSDP") and results[c]["head_weight"] == "DTensor"
+               for c in fsdp2), results
+    assert_equals_one_process(tmp_path, results, ddp + fsdp2, rtol=1e-5, atol=1e-7)
+    # If accelerate starts enabling FSDP on CPU, drop force_fsdp2 from the worker.
     fsdp = results["fsdp2_on_cpu"]
     assert fsdp["plugin_requested"] and not fsdp["is_fsdp_enabled"], fsdp
     assert fsdp["distributed_type"] == "DistributedType.MULTI_CPU", fsdp
 
 
-FSDP2_CPU_REASON = (
-    "FSDP2 through Trainer needs >= 2 CUDA GPUs: with use_cpu (gloo), accelerate 1.16 drops the FSDP plugin "
-    "(AcceleratorState sets DistributedType.FSDP only for MULTI_GPU/XPU/NPU/... processes), so transformers "
-    "5.24's Trainer runs MULTI_CPU DDP instead; torch 2.13's fully_shard itself runs on CPU/gloo")
+FSDP2_GPU_REASON = (
+    "needs >= 2 CUDA GPUs (nccl). On CPU, accelerate 1.16 drops the FSDP plugin (AcceleratorState sets "
+    "DistributedType.FSDP only for MULTI_GPU/XPU/NPU/... processes) and transformers 5.24's Trainer runs DDP; "
+    "test_two_gloo_processes_equal_one runs Trainer's FSDP2 on CPU by forcing that state instead")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason=FSDP2_CPU_REASON)
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason=FSDP2_GPU_REASON)
 def test_fsdp2_processes_equal_one(tmp_path):
-    """2 GPUs x batch 2 x accumulation 2 under Trainer's FSDP2 (nccl) == 1 CPU process x batch 8,
-    one optimiser step, logits path, kd_ratio 0.5 and 1 (GPU vs CPU reductions: rtol 1e-4)."""
-    cases = ("0.5", "1.0")
+    """2 GPUs x batch 2 x accumulation 2 under Trainer's FSDP2 (nccl), unforced == 1 CPU process x
+    batch 8, one optimiser step, logits path, kd_ratio 0.5 and 1 (GPU vs CPU reductions: rtol 1e-4)."""
+    cases = ["fsdp2:0.5", "fsdp2:1.0"]
     results = run_two_processes(tmp_path, cases, "fsdp2")
     assert all(results[c]["wrapper"].startswith("FSDP") for c in cases), results
     assert_equals_one_process(tmp_path, results, cases, rtol=1e-4, atol=1e-6)
