@@ -19,7 +19,7 @@ import sys
 
 import torch
 from integration_helpers import ListDataset, stack_collator, tiny_lm, token_examples
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from csd_ext.integrations.transformers import CSDTrainer
 
@@ -43,11 +43,15 @@ def full_flat(model):
 
 def make_trainer(out, mode, kd_ratio, fused):
     student, teacher = tiny_lm(seed=0), tiny_lm(size="teacher", seed=1)
-    trainer = CSDTrainer(model=student, teacher_model=teacher, args=make_args(out, mode),
-                         train_dataset=ListDataset(token_examples()), data_collator=stack_collator,
-                         kd_ratio=kd_ratio, use_fused_linear=fused, csd_kwargs=dict(weighting="SS", temperature=1.3))
-    if mode == "fsdp2cpu":
-        force_fsdp2(trainer)
+    original = Trainer.create_accelerator_and_postprocess
+    if mode == "fsdp2cpu":  # force FSDP2 where Trainer sets is_fsdp_enabled, so CSDTrainer.__init__ sees it
+        Trainer.create_accelerator_and_postprocess = lambda self: (original(self), force_fsdp2(self))
+    try:
+        trainer = CSDTrainer(model=student, teacher_model=teacher, args=make_args(out, mode),
+                             train_dataset=ListDataset(token_examples()), data_collator=stack_collator,
+                             kd_ratio=kd_ratio, use_fused_linear=fused, csd_kwargs=dict(weighting="SS", temperature=1.3))
+    finally:
+        Trainer.create_accelerator_and_postprocess = original
     return trainer, student
 
 

@@ -165,11 +165,13 @@ def test_two_gloo_processes_equal_one(tmp_path):
     """2 processes x batch 2 x accumulation 2 (tokens averaged across devices) == 1 process x
     batch 8, in one optimiser step, all in one torchrun (start-up dominates the cost):
     - DDP: kd_ratio 0.5 and 1 on the logits path, kd_ratio 0.5 on the fused path;
-    - FSDP2 through Trainer (fsdp_config version 2), forced on CPU: kd_ratio 0.5 and 1, logits path.
+    - FSDP2 through Trainer (fsdp_config version 2), forced on CPU: kd_ratio 0.5 and 1, logits and
+      fused paths (the LM head sits in the root FSDP2 group, unsharded from forward to backward).
     accelerate 1.16 enables FSDP only on accelerator processes: on CPU it drops the plugin and
     Trainer runs DDP (checked below).  The worker sets, after Trainer built its Accelerator, what
     accelerate would set on GPUs; from there Trainer's and accelerate's own FSDP2 code runs."""
-    ddp, fsdp2 = ["ddp:0.5", "ddp:1.0", "ddp:0.5+fused"], ["fsdp2cpu:0.5", "fsdp2cpu:1.0"]
+    ddp = ["ddp:0.5", "ddp:1.0", "ddp:0.5+fused"]
+    fsdp2 = ["fsdp2cpu:0.5", "fsdp2cpu:1.0", "fsdp2cpu:0.5+fused", "fsdp2cpu:1.0+fused"]
     results = run_two_processes(tmp_path, ddp + fsdp2, "ddp")
     assert all(results[c]["wrapper"] == "DistributedDataParallel" for c in ddp), results
     # really sharded: FSDP2's fully_shard wrapper class, parameters as DTensors
@@ -198,10 +200,10 @@ def test_fsdp2_processes_equal_one(tmp_path):
     assert_equals_one_process(tmp_path, results, cases, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_linear_refused_under_fsdp(tmp_path, monkeypatch):
-    """use_fused_linear=True under FSDP is refused with a clear error; the automatic choice
-    (None) falls back to the logits path there.  FSDP cannot be enabled on CPU (see above), so
-    Trainer's flag is set right after Trainer computes it."""
+def test_fused_linear_refused_under_fsdp1(tmp_path, monkeypatch):
+    """use_fused_linear=True under FSDP version 1 is refused with a clear error; the automatic
+    choice (None) falls back to the logits path there.  FSDP cannot be enabled on CPU (see
+    above), so Trainer's flag is set right after Trainer computes it (no FSDP2 plugin: version 1)."""
     from transformers import Trainer
 
     original = Trainer.create_accelerator_and_postprocess
@@ -213,7 +215,7 @@ def test_fused_linear_refused_under_fsdp(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", as_if_fsdp)
     args = make_args(tmp_path, 2, 1)
     student, teacher = tiny_lm(vocab=100_000, seed=0), tiny_lm(vocab=100_000, size="teacher", seed=1)
-    with pytest.raises(ValueError, match="use_fused_linear=True is not supported under FSDP"):
+    with pytest.raises(ValueError, match="use_fused_linear=True is not supported under FSDP version 1"):
         CSDTrainer(model=student, teacher_model=teacher, args=args, use_fused_linear=True)
     assert not CSDTrainer(model=student, teacher_model=teacher, args=args).use_fused_linear
     monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", original)
@@ -245,3 +247,21 @@ def _fresh_accelerate_state():
     from integration_helpers import reset_accelerate_state
 
     reset_accelerate_state()
+
+
+def test_fused_linear_names_a_sharded_head(tmp_path):
+    """Under FSDP2 an LM head that is its own FSDP unit is resharded after the forward: its
+    weight is then a DTensor and the fused path says so instead of computing with a shard."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    from csd_ext.integrations.transformers import check_unsharded
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharded = distribute_tensor(torch.randn(8, 4), init_device_mesh("cpu", (1,)), [Shard(0)])
+        with pytest.raises(ValueError, match="lm_head.weight is still sharded"):
+            check_unsharded(sharded)
+        check_unsharded(torch.randn(8, 4))
+    finally:
+        dist.destroy_process_group()
