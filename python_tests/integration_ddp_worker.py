@@ -1,10 +1,13 @@
 """Run under torchrun (2 processes): one CSDTrainer step of 2 x batch 2 x accumulation 2 for each
-case given (a kd_ratio, ``+fused`` for use_fused_linear), in one process group (process start-up dominates the cost); rank 0 saves each
-case's parameter update and logged loss (test_integrations_transformers.py).
+case given (a kd_ratio, ``+fused`` for use_fused_linear), all in one process group (process
+start-up dominates the cost); rank 0 saves each case's parameter update and logged loss
+(test_integrations_transformers.py).
 
-    integration_ddp_worker.py OUT 0.5,1.0,0.5+fused ddp   # CPU, gloo, DDP
-    integration_ddp_worker.py OUT 0.5,1.0 fsdp2cpu        # CPU, gloo, FSDP2 forced (below)
-    integration_ddp_worker.py OUT 0.5,1.0 fsdp2   # >= 2 CUDA GPUs, nccl, Trainer's FSDP2
+    integration_ddp_worker.py OUT ddp:0.5,ddp:0.5+fused,fsdp2cpu:1.0 ddp   # CPU, gloo: DDP, then
+                                                      # FSDP2 forced (below); fsdp2cpu cases last
+    integration_ddp_worker.py OUT fsdp2:0.5,fsdp2:1.0 fsdp2   # >= 2 CUDA GPUs, nccl, Trainer's FSDP2
+
+A case without a ``mode:`` prefix runs in the mode given last.
 
 The ddp mode also records what Trainer makes of an FSDP2 ``fsdp_config`` on CPU: accelerate
 1.16 drops the FSDP plugin unless the processes are on an accelerator (MULTI_GPU, ...), so on
@@ -49,7 +52,8 @@ def make_trainer(out, mode, kd_ratio, fused):
     try:
         trainer = CSDTrainer(model=student, teacher_model=teacher, args=make_args(out, mode),
                              train_dataset=ListDataset(token_examples()), data_collator=stack_collator,
-                             kd_ratio=kd_ratio, use_fused_linear=fused, csd_kwargs=dict(weighting="SS", temperature=1.3))
+                             kd_ratio=kd_ratio, use_fused_linear=fused,
+                             csd_kwargs=dict(weighting="SS", temperature=1.3))
     finally:
         Trainer.create_accelerator_and_postprocess = original
     return trainer, student

@@ -156,9 +156,12 @@ class CSDTrainer(Trainer):
         # to the backward, and the weight's gradient is reduce-scattered with the root's: tested
         # (forced FSDP2 on CPU).  FSDP1's flat parameters are untested: refuse there.
         fsdp = bool(getattr(self, "is_fsdp_enabled", False))
-        fsdp_version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1) if fsdp else None
+        fsdp_version = None
+        if fsdp:
+            fsdp_version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
         if use_fused_linear is None:
-            use_fused_linear = fsdp_version in (None, 2) and output_head(self.model).weight.shape[0] >= FUSED_VOCAB_THRESHOLD
+            use_fused_linear = (fsdp_version in (None, 2)
+                                and output_head(self.model).weight.shape[0] >= FUSED_VOCAB_THRESHOLD)
         if use_fused_linear and fsdp_version not in (None, 2):
             raise ValueError("CSDTrainer: use_fused_linear=True is not supported under FSDP version 1 (the fused path "
                              "reads lm_head.weight outside the head's forward, untested with FSDP1's flat "
