@@ -138,20 +138,88 @@ def test_teacher_frozen_not_saved_and_resume(tmp_path):
     torch.testing.assert_close(flat_params(resumed), flat_params(straight), rtol=1e-5, atol=1e-6)
 
 
-def test_two_gloo_processes_equal_one(tmp_path):
-    """2 processes x batch 2 x accumulation 2 (DDP on gloo, tokens averaged across devices)
-    == 1 process x batch 8, in one optimiser step."""
-    grad8, loss8, _ = one_step(tmp_path, 8, 1, 0.5, False)
-    out = tmp_path / "ddp"
+def run_two_processes(tmp_path, cases, mode):
+    """integration_ddp_worker.py under torchrun with 2 processes; rank 0's saved results."""
+    out = tmp_path / mode
     env = subprocess_env()
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], HERE])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(HERE, "integration_ddp_worker.py"), str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+           os.path.join(HERE, "integration_ddp_worker.py"), str(out), ",".join(cases), mode]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = torch.load(out / "result.pt")
-    torch.testing.assert_close(result["update"], grad8, rtol=1e-5, atol=1e-7)
-    assert result["loss"] == pytest.approx(loss8, rel=1e-5)
+    return torch.load(out / "result.pt")
+
+
+def assert_equals_one_process(tmp_path, results, cases, rtol, atol):
+    """Each case ("ddp:0.5", "fsdp2cpu:1.0", "ddp:0.5+fused") equals one process x batch 8."""
+    for case in cases:
+        spec = case.split(":")[1]
+        kd_ratio, fused = float(spec.split("+")[0]), spec.endswith("+fused")
+        grad8, loss8, _ = one_step(tmp_path / case.replace(":", "_"), 8, 1, kd_ratio, fused)
+        torch.testing.assert_close(results[case]["update"], grad8, rtol=rtol, atol=atol,
+                                   msg=lambda m: f"case {case}: {m}")
+        assert results[case]["loss"] == pytest.approx(loss8, rel=rtol), case
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    """2 processes x batch 2 x accumulation 2 (tokens averaged across devices) == 1 process x
+    batch 8, in one optimiser step, all in one torchrun (start-up dominates the cost):
+    - DDP: kd_ratio 0.5 and 1 on the logits path, kd_ratio 0.5 on the fused path;
+    - FSDP2 through Trainer (fsdp_config version 2), forced on CPU: kd_ratio 0.5 and 1, logits and
+      fused paths (the LM head sits in the root FSDP2 group, unsharded from forward to backward).
+    accelerate 1.16 enables FSDP only on accelerator processes: on CPU it drops the plugin and
+    Trainer runs DDP (checked below).  The worker sets, after Trainer built its Accelerator, what
+    accelerate would set on GPUs; from there Trainer's and accelerate's own FSDP2 code runs."""
+    ddp = ["ddp:0.5", "ddp:1.0", "ddp:0.5+fused"]
+    fsdp2 = ["fsdp2cpu:0.5", "fsdp2cpu:1.0", "fsdp2cpu:0.5+fused", "fsdp2cpu:1.0+fused"]
+    results = run_two_processes(tmp_path, ddp + fsdp2, "ddp")
+    assert all(results[c]["wrapper"] == "DistributedDataParallel" for c in ddp), results
+    # really sharded: FSDP2's fully_shard wrapper class, parameters as DTensors
+    assert all(results[c]["wrapper"].startswith("FSDP") and results[c]["head_weight"] == "DTensor"
+               for c in fsdp2), results
+    assert_equals_one_process(tmp_path, results, ddp + fsdp2, rtol=1e-5, atol=1e-7)
+    # If accelerate starts enabling FSDP on CPU, drop force_fsdp2 from the worker.
+    fsdp = results["fsdp2_on_cpu"]
+    assert fsdp["plugin_requested"] and not fsdp["is_fsdp_enabled"], fsdp
+    assert fsdp["distributed_type"] == "DistributedType.MULTI_CPU", fsdp
+
+
+FSDP2_GPU_REASON = (
+    "needs >= 2 CUDA GPUs (nccl). On CPU, accelerate 1.16 drops the FSDP plugin (AcceleratorState sets "
+    "DistributedType.FSDP only for MULTI_GPU/XPU/NPU/... processes) and transformers 5.24's Trainer runs DDP; "
+    "test_two_gloo_processes_equal_one runs Trainer's FSDP2 on CPU by forcing that state instead")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason=FSDP2_GPU_REASON)
+def test_fsdp2_processes_equal_one(tmp_path):
+    """2 GPUs x batch 2 x accumulation 2 under Trainer's FSDP2 (nccl), unforced == 1 CPU process x
+    batch 8, one optimiser step, logits path, kd_ratio 0.5 and 1 (GPU vs CPU reductions: rtol 1e-4)."""
+    cases = ["fsdp2:0.5", "fsdp2:1.0"]
+    results = run_two_processes(tmp_path, cases, "fsdp2")
+    assert all(results[c]["wrapper"].startswith("FSDP") for c in cases), results
+    assert_equals_one_process(tmp_path, results, cases, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_linear_refused_under_fsdp1(tmp_path, monkeypatch):
+    """use_fused_linear=True under FSDP version 1 is refused with a clear error; the automatic
+    choice (None) falls back to the logits path there.  FSDP cannot be enabled on CPU (see
+    above), so Trainer's flag is set right after Trainer computes it (no FSDP2 plugin: version 1)."""
+    from transformers import Trainer
+
+    original = Trainer.create_accelerator_and_postprocess
+
+    def as_if_fsdp(self):
+        original(self)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", as_if_fsdp)
+    args = make_args(tmp_path, 2, 1)
+    student, teacher = tiny_lm(vocab=100_000, seed=0), tiny_lm(vocab=100_000, size="teacher", seed=1)
+    with pytest.raises(ValueError, match="use_fused_linear=True is not supported under FSDP version 1"):
+        CSDTrainer(model=student, teacher_model=teacher, args=args, use_fused_linear=True)
+    assert not CSDTrainer(model=student, teacher_model=teacher, args=args).use_fused_linear
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", original)
+    assert CSDTrainer(model=student, teacher_model=teacher, args=args).use_fused_linear  # V >= 100k, no FSDP
 
 
 def test_bad_arguments_are_named(tmp_path):
@@ -179,3 +247,21 @@ def _fresh_accelerate_state():
     from integration_helpers import reset_accelerate_state
 
     reset_accelerate_state()
+
+
+def test_fused_linear_names_a_sharded_head(tmp_path):
+    """Under FSDP2 an LM head that is its own FSDP unit is resharded after the forward: its
+    weight is then a DTensor and the fused path says so instead of computing with a shard."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    from csd_ext.integrations.transformers import check_unsharded
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharded = distribute_tensor(torch.randn(8, 4), init_device_mesh("cpu", (1,)), [Shard(0)])
+        with pytest.raises(ValueError, match="lm_head.weight is still sharded"):
+            check_unsharded(sharded)
+        check_unsharded(torch.randn(8, 4))
+    finally:
+        dist.destroy_process_group()

@@ -54,6 +54,7 @@ def distillation_sums(student, teacher, inputs, labels, *, kd_ratio, csd_kwargs,
     if use_fused_linear:
         hidden, head, outputs = hidden_states_and_head(student, inputs)
         weight, bias = head.weight, head.bias
+        check_unsharded(weight)
         if vocab_size is not None:
             weight, bias = weight[:vocab_size], None if bias is None else bias[:vocab_size]
         weight = weight.to(hidden.dtype)
@@ -69,6 +70,7 @@ def distillation_sums(student, teacher, inputs, labels, *, kd_ratio, csd_kwargs,
             with torch.no_grad():
                 t_hidden, t_head, _ = hidden_states_and_head(teacher, inputs)
             t_weight, t_bias = t_head.weight, t_head.bias
+            check_unsharded(t_weight)
             if vocab_size is not None:
                 t_weight, t_bias = t_weight[:vocab_size], None if t_bias is None else t_bias[:vocab_size]
             # under autocast the hidden states and the head may differ in dtype: compute as the head would
@@ -97,6 +99,15 @@ def distillation_sums(student, teacher, inputs, labels, *, kd_ratio, csd_kwargs,
         parts["kd"] = csd_loss(logits, t_logits, labels, reduction="sum", **kwargs)
         loss = kd_ratio * parts["kd"] if loss is None else loss + kd_ratio * parts["kd"]
     return loss, parts, outputs
+
+
+def check_unsharded(weight):
+    """The fused path needs the whole LM head weight after the forward.  Under FSDP2 it is a
+    DTensor shard there when the head is its own FSDP unit that reshards after forward."""
+    if type(weight).__name__ == "DTensor":
+        raise ValueError("use_fused_linear: lm_head.weight is still sharded (a DTensor) after the forward; keep "
+                         "the LM head in the root FSDP module (do not fully_shard it on its own) or pass "
+                         "use_fused_linear=False")
 
 
 def check_same_vocab(student_vocab, teacher_vocab):
@@ -140,8 +151,21 @@ class CSDTrainer(Trainer):
                                        or vocab_size < 1):
             raise ValueError(f"vocab_size must be None or an int >= 1, got {vocab_size!r}")
         super().__init__(model, args, *trainer_args, **kwargs)
+        # The fused path multiplies lm_head.weight after the head's own (emptied) forward.  Under
+        # FSDP2 the head normally sits in the root's group, which stays unsharded from the forward
+        # to the backward, and the weight's gradient is reduce-scattered with the root's: tested
+        # (forced FSDP2 on CPU).  FSDP1's flat parameters are untested: refuse there.
+        fsdp = bool(getattr(self, "is_fsdp_enabled", False))
+        fsdp_version = None
+        if fsdp:
+            fsdp_version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
         if use_fused_linear is None:
-            use_fused_linear = output_head(self.model).weight.shape[0] >= FUSED_VOCAB_THRESHOLD
+            use_fused_linear = (fsdp_version in (None, 2)
+                                and output_head(self.model).weight.shape[0] >= FUSED_VOCAB_THRESHOLD)
+        if use_fused_linear and fsdp_version not in (None, 2):
+            raise ValueError("CSDTrainer: use_fused_linear=True is not supported under FSDP version 1 (the fused path "
+                             "reads lm_head.weight outside the head's forward, untested with FSDP1's flat "
+                             "parameters); use FSDP2 (fsdp_config={'version': 2}) or pass use_fused_linear=False")
         self.use_fused_linear = bool(use_fused_linear)
         self.vocab_size = vocab_size
         # Make Trainer count the label tokens of the whole accumulated batch (it does so only
