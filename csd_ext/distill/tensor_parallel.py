@@ -204,13 +204,18 @@ def train_tp(cfg, student, teacher, tokenizer, train_items, val_items, out_dir, 
     while step < total:
         window = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "tokens": 0}
         window_start = time.time()
-        for _ in range(cfg.grad_accum):
-            batch = to_device(collate(stream.next()), device)
+        # Every micro-batch of the step first, so that the objective is the token mean over the
+        # whole step however it is split, as in the data-parallel trainer (accumulation.py).
+        # Tensor parallelism: every process holds the same batch, so the count is local.
+        batches = [to_device(collate(stream.next()), device) for _ in range(cfg.grad_accum)]
+        window_tokens = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).clamp(min=1)
+        for batch in batches:
             loss, parts = tp_distill_loss(student, teacher, batch, cfg, group, start_v)
-            (loss / cfg.grad_accum).backward()
-            window["loss"] += loss.item() / cfg.grad_accum
-            window["ce"] += parts["ce"].item() / cfg.grad_accum
-            window["kd"] += parts.get("kd", torch.zeros(())).item() / cfg.grad_accum
+            share = parts["tokens"].to(loss.dtype) / window_tokens  # this micro-batch's token-mean weight
+            (loss * share).backward()
+            window["loss"] += (loss.detach() * share).item()
+            window["ce"] += (parts["ce"] * share).item()
+            window["kd"] += (parts.get("kd", torch.zeros(())) * share).item()
             window["tokens"] += int(parts["tokens"])
         grad_norm = grad_norm_and_clip([p for p in student.parameters() if p.requires_grad], cfg.max_grad_norm)
         optimizer.step()
