@@ -49,15 +49,10 @@ class DataError(ValueError):
     """Bad or unusable training/evaluation data; the message names the file and line."""
 
 
-def load_dolly_jsonl(path):
-    """Read Dolly-format JSONL into [{'instruction', 'context', 'response'}].
-
-    ``instruction`` and ``response`` (or MiniLLM's ``output``) are required
-    strings; ``context`` (or ``input``) is optional and may be empty.
-    """
-    if not os.path.isfile(path):
-        raise DataError(f"data file {path!r} does not exist")
-    examples = []
+def iter_jsonl(path):
+    """(where, row) for each non-blank line of a JSONL file, where = "path:line"; a line that is
+    not valid JSON is a DataError naming it.  The one JSONL reader of the training, evaluation
+    and LM data loaders."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -67,10 +62,23 @@ def load_dolly_jsonl(path):
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object with 'instruction', 'context', 'response', "
-                                f"got {type(row).__name__}")
-            examples.append(normalise_record(row, where))
+            yield where, row
+
+
+def load_dolly_jsonl(path):
+    """Read Dolly-format JSONL into [{'instruction', 'context', 'response'}].
+
+    ``instruction`` and ``response`` (or MiniLLM's ``output``) are required
+    strings; ``context`` (or ``input``) is optional and may be empty.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path!r} does not exist")
+    examples = []
+    for where, row in iter_jsonl(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object with 'instruction', 'context', 'response', "
+                            f"got {type(row).__name__}")
+        examples.append(normalise_record(row, where))
     if not examples:
         raise DataError(f"data file {path!r} holds no examples (expected one JSON object per line with "
                         f"'instruction', 'context' and 'response')")

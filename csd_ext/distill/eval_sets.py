@@ -22,10 +22,9 @@ own; MiniLLM scores against GPT-4's answers, which its file stores as
 and the keys it found.
 """
 
-import json
 import os
 
-from .data import DataError
+from .data import DataError, iter_jsonl
 
 KNOWN_SETS = ("dolly", "selfinst", "vicuna", "sni", "unni")
 
@@ -80,16 +79,7 @@ def load_eval_set(path):
     name for MiniLLM's ``<set>/valid.jsonl``)."""
     if not os.path.isfile(path):
         raise DataError(f"evaluation set {path!r} does not exist")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            records.append(eval_record(row, f"{path}:{lineno}"))
+    records = [eval_record(row, where) for where, row in iter_jsonl(path)]
     if not records:
         raise DataError(f"evaluation set {path!r} holds no examples")
     stem = os.path.splitext(os.path.basename(path))[0]

@@ -12,10 +12,9 @@ input = block[:-1], labels = block[1:], every position counted.  This is the
 usual packing of pre-training text (as MiniLLM does for OpenWebText).
 """
 
-import json
 import os
 
-from .data import DataError
+from .data import DataError, iter_jsonl
 
 
 def load_lm_texts(path):
@@ -23,18 +22,10 @@ def load_lm_texts(path):
         raise DataError(f"LM data file {path!r} does not exist")
     texts = []
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise DataError(f"{path}:{lineno}: expected an object with a string 'text' field "
-                                    f"(plain-text LM data)")
-                texts.append(row["text"])
+        for where, row in iter_jsonl(path):
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise DataError(f"{where}: expected an object with a string 'text' field (plain-text LM data)")
+            texts.append(row["text"])
     else:
         with open(path, encoding="utf-8") as f:
             texts = [doc.strip() for doc in f.read().split("\n\n")]

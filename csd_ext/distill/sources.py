@@ -21,7 +21,7 @@ uses (``instruction``, ``context``, ``response``) plus what ``build_prompt`` nee
 import json
 import os
 
-from .data import DataError, load_dolly_jsonl, normalise_record
+from .data import DataError, iter_jsonl, load_dolly_jsonl, normalise_record
 
 
 def _split_path(path):
@@ -127,16 +127,7 @@ def load_records(path):
 
 
 def _read_jsonl(path):
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            records.append(normalise_any(row, f"{path}:{lineno}"))
+    records = [normalise_any(row, where) for where, row in iter_jsonl(path)]
     if not records:
         raise DataError(f"data {path!r} holds no records")
     return records
