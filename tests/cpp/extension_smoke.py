@@ -27,7 +27,7 @@ def main(path):
     t = torch.randn(5, 1001, generator=gen, dtype=torch.float64) * 3
     loss, stats = torch.ops.csd_ext.csd_forward(z, t, None, "SS", 0.5, 1.0)
     torch.testing.assert_close(loss, csd_ss(z, t), rtol=1e-10, atol=1e-12)
-    assert stats.shape == (5, 6), stats.shape
+    assert stats.shape == (5, 8), stats.shape  # csd::kNumStats: each softmax's max and log-sum apart
     grad = torch.ops.csd_ext.csd_backward(torch.ones(5, dtype=torch.float64), z, t, stats, "SS", 0.5, 1.0)
     s = torch.softmax(z, dim=-1)
     d = z - t
