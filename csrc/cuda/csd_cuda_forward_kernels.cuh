@@ -98,6 +98,17 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<acc_t>::kForward)
   }
 }
 
+// blockIdx.x read anew (volatile), so that the compiler cannot keep an earlier copy live.
+__device__ __forceinline__ unsigned fresh_block_index() {
+#if defined(__CUDA_ARCH__)
+  unsigned b;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(b));
+  return b;
+#else
+  return blockIdx.x;
+#endif
+}
+
 // A warp per row: lane l merges the states of segments l and l + 32, then
 // cub::WarpReduce merges the lanes (segs <= kMaxSegments).
 template <typename acc_t, unsigned kBases>
@@ -117,7 +128,10 @@ __global__ void __launch_bounds__(kThreads) csd_merge_segments_kernel(const Forw
   State st = lane < a.segs ? part[lane] : empty_state<acc_t, kBases>();
   if (lane + kWarp < a.segs) st = merge_state(st, part[lane + kWarp]);
   st = WarpReduce(tmp[slot]).Reduce(st, MergeState{});
-  if (lane == 0) write_row(a, row, finalize_row(st.s(), st.t(), st.u(), a.w1, a.w2), true);
+  // The row index is re-derived here rather than kept live: merge_state's fp32 divisions call a
+  // subroutine, and holding `row` across those calls made ptxas spill it on sm_100.
+  const int64_t out_row = int64_t(fresh_block_index()) * (kThreads / kWarp) + int(threadIdx.x) / kWarp;
+  if (lane == 0) write_row(a, out_row, finalize_row(st.s(), st.t(), st.u(), a.w1, a.w2), true);
 }
 
 template <typename acc_t>
