@@ -9,11 +9,11 @@ report (table and plot), run (the standard pipeline) and tiny/ (the CPU demo).
 
 def main(argv=None):
     """Console-script entry point; returns the exit status."""
-    import sys
-
     from .cli import main as cli_main
 
     status = cli_main(argv)
-    if argv is None:
-        sys.exit(status)
+    if argv is None:  # run as the program: torchrun workers skip interpreter teardown
+        from .distributed import exit_program
+
+        exit_program(status)
     return status

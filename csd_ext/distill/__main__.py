@@ -1,5 +1,4 @@
-import sys
-
 from .cli import main
+from .distributed import exit_program
 
-sys.exit(main())
+exit_program(main())

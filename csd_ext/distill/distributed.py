@@ -27,8 +27,10 @@
 """
 
 import contextlib
+import gc
 import math
 import os
+import sys
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -179,6 +181,26 @@ def release_process_group():
     fails the whole torchrun launch.  Safe to call more than once."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def exit_program(status):
+    """Ends a ``csd-distill`` process with ``status``.
+
+    A torchrun worker leaves with ``os._exit`` once its process group is
+    destroyed and its output flushed.  ``destroy_process_group`` only drops
+    c10d's own references: accelerate's state and an FSDP2 mesh keep the gloo
+    group alive into interpreter teardown, where its worker threads can still
+    abort a rank that finished its work ("terminate called without an active
+    exception", seen once in CI after a complete resumed run), and torchrun
+    then fails the launch.  All files are written and closed by then, so
+    skipping teardown loses nothing.  A single process exits normally."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        release_process_group()
+        gc.collect()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def rank_and_world():
