@@ -44,6 +44,17 @@ def check_ignore_index(ignore_index):
     return ignore_index
 
 
+def check_loss_options(weighting, alpha, temperature, ignore_index, reduction):
+    """The options every CSD entry point takes, checked in signature order (each error names
+    its argument); returns ``(alpha, temperature)`` as floats."""
+    check_weighting(weighting)
+    alpha = check_alpha(alpha)
+    temperature = check_temperature(temperature)
+    check_ignore_index(ignore_index)
+    check_reduction(reduction)
+    return alpha, temperature
+
+
 def check_logits_pair(student_logits, teacher_logits):
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):

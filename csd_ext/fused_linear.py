@@ -8,7 +8,14 @@ import torch
 
 from . import _fused_ops  # noqa: F401  (registers the fused ops)
 from ._reduce import reduce_rows, row_mask_of
-from ._validate import check_alpha, check_ignore_index, check_reduction, check_temperature, check_weighting
+from ._validate import (
+    check_alpha,
+    check_ignore_index,
+    check_loss_options,
+    check_reduction,
+    check_temperature,
+    check_weighting,
+)
 from ._validate_fused import check_chunk_size, check_labels_for_hidden, check_linear, check_teacher
 
 
@@ -82,11 +89,7 @@ def fused_linear_csd(
     vocab = check_linear("student", student_hidden, student_weight, student_bias)
     check_teacher(student_hidden, vocab, teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
     check_labels_for_hidden(labels, student_hidden)
-    check_weighting(weighting)
-    alpha = check_alpha(alpha)
-    temperature = check_temperature(temperature)
-    check_ignore_index(ignore_index)
-    check_reduction(reduction)
+    alpha, temperature = check_loss_options(weighting, alpha, temperature, ignore_index, reduction)
     chunk = check_chunk_size(chunk_size)
 
     lead = student_hidden.shape[:-1]

@@ -9,6 +9,7 @@ from ._validate import (
     check_ignore_index,
     check_labels,
     check_logits_pair,
+    check_loss_options,
     check_reduction,
     check_temperature,
     check_weighting,
@@ -92,11 +93,7 @@ def csd_loss(
     """
     check_logits_pair(student_logits, teacher_logits)
     check_labels(labels, student_logits)
-    check_weighting(weighting)
-    alpha = check_alpha(alpha)
-    temperature = check_temperature(temperature)
-    check_ignore_index(ignore_index)
-    check_reduction(reduction)
+    alpha, temperature = check_loss_options(weighting, alpha, temperature, ignore_index, reduction)
 
     row_mask = row_mask_of(labels, ignore_index)
     student, teacher = flatten_logits(student_logits), flatten_logits(teacher_logits)

@@ -14,15 +14,7 @@ whose derivative in d with w1, w2 held fixed is
 import torch
 
 from ._reduce import reduce_rows, row_mask_of
-from ._validate import (
-    check_alpha,
-    check_ignore_index,
-    check_labels,
-    check_logits_pair,
-    check_reduction,
-    check_temperature,
-    check_weighting,
-)
+from ._validate import check_labels, check_logits_pair, check_loss_options
 
 
 def csd_weights(student, teacher, weighting="SS", alpha=0.5, temperature=1.0):
@@ -70,11 +62,7 @@ def csd_loss_reference(
     """Reference :func:`csd_ext.csd_loss`: fp32 math (fp64 for fp64 inputs)."""
     check_logits_pair(student_logits, teacher_logits)
     check_labels(labels, student_logits)
-    check_weighting(weighting)
-    alpha = check_alpha(alpha)
-    temperature = check_temperature(temperature)
-    check_ignore_index(ignore_index)
-    check_reduction(reduction)
+    alpha, temperature = check_loss_options(weighting, alpha, temperature, ignore_index, reduction)
 
     acc = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
     vocab = student_logits.shape[-1]

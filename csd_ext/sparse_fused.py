@@ -13,7 +13,7 @@ gradient into ``weight`` (``index_add_``) and ``hidden``.  Nothing of size
 
 import torch
 
-from ._validate import check_alpha, check_ignore_index, check_reduction, check_temperature, check_weighting
+from ._validate import check_loss_options
 from ._validate_fused import check_chunk_size, check_labels_for_hidden, check_linear
 from ._reduce import reduce_rows, row_mask_of
 from .loss import csd_loss
@@ -135,11 +135,7 @@ def fused_linear_sparse_csd(
     check_sparse_teacher(student_hidden.shape[:-1], student_hidden.device, teacher_ids, teacher_values,
                          what="student_hidden")
     check_labels_for_hidden(labels, student_hidden)
-    check_weighting(weighting)
-    alpha = check_alpha(alpha)
-    temperature = check_temperature(temperature)
-    check_ignore_index(ignore_index)
-    check_reduction(reduction)
+    alpha, temperature = check_loss_options(weighting, alpha, temperature, ignore_index, reduction)
     chunk = check_chunk_size(chunk_size)
     if check_ids:
         check_ids_values(teacher_ids, vocab)

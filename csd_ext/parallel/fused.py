@@ -31,7 +31,7 @@ from .. import _fused_ops
 from .._fused_ops import _ComputeWeight, _dtypes, _grad_scale, auto_chunk_rows
 from .._ops import NUM_STATS
 from .._reduce import reduce_rows, row_mask_of
-from .._validate import check_alpha, check_ignore_index, check_reduction, check_temperature, check_weighting
+from .._validate import check_loss_options
 from .._validate_fused import check_chunk_size, check_labels_for_hidden, check_linear, check_teacher
 from ._comm import PendingGather, resolve_group
 from ._kernel_stats import local_partial_states
@@ -228,11 +228,7 @@ def vocab_parallel_fused_linear_csd(
     vocab = check_linear("student", student_hidden, student_weight, student_bias)
     check_teacher(student_hidden, vocab, teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
     check_labels_for_hidden(labels, student_hidden)
-    check_weighting(weighting)
-    alpha = check_alpha(alpha)
-    temperature = check_temperature(temperature)
-    check_ignore_index(ignore_index)
-    check_reduction(reduction)
+    alpha, temperature = check_loss_options(weighting, alpha, temperature, ignore_index, reduction)
     chunk = check_chunk_size(chunk_size)
     if not isinstance(reduce_hidden_grad, bool):
         raise TypeError(f"reduce_hidden_grad must be a bool, got {reduce_hidden_grad!r}")

@@ -16,6 +16,7 @@ from .._validate import (
     check_alpha,
     check_ignore_index,
     check_labels,
+    check_loss_options,
     check_reduction,
     check_temperature,
     check_weighting,
@@ -151,11 +152,7 @@ def vocab_parallel_csd_loss(
     check_shards(student_shard, teacher_shard)
     if labels is not None:
         check_labels(labels, student_shard)
-    check_weighting(weighting)
-    alpha = check_alpha(alpha)
-    temperature = check_temperature(temperature)
-    check_ignore_index(ignore_index)
-    check_reduction(reduction)
+    alpha, temperature = check_loss_options(weighting, alpha, temperature, ignore_index, reduction)
     group = resolve_group(group)
     if check_shapes:
         check_same_leading_shape(student_shard.shape[:-1], student_shard.shape[-1], student_shard.device, group)
