@@ -310,8 +310,9 @@ def fused_time_us(build, gpu, rows, vocab, weighting, fwd, bwd, elem_bytes=2):
     # (csd_backward_reuse_), which after a mean or sum backward reads only
     # grad_loss and returns (its bytes are negligible; its launch is not).
     t = kernel_time_us(gpu, elements=n, read_bytes=2 * elem_bytes * n, write_bytes=elem_bytes * n, ipe=ipe,
-                       exps_pe=exps_pe, inflight_per_sm=inflight, blocks=math.ceil(plan["blocks"] * g["sms"] / used_sms),
-                       slots_per_sm=slots, launches=2, serial_us=serial)
+                       exps_pe=exps_pe, inflight_per_sm=inflight,
+                       blocks=math.ceil(plan["blocks"] * g["sms"] / used_sms), slots_per_sm=slots, launches=2,
+                       serial_us=serial)
     t.update(cluster=cluster, slots=slots, planned=entry is None)
     return t
 
@@ -364,7 +365,8 @@ def fused_entry(short, ins, reg, sass_loops):
     for lp in loops:
         if lp["elements"] is None:
             lp["elements"] = FUSED_BF16_ELEMENTS_PER_ITERATION
-            lp["elements_from"] = "template constant W = 16 / sizeof(bf16) (SASS count of 16-byte accesses odd or 0)"
+            lp["elements_from"] = ("template constant W = 16 / sizeof(bf16) "
+                                   "(SASS count of 16-byte accesses odd or 0)")
         elif lp["elements"] != FUSED_BF16_ELEMENTS_PER_ITERATION:
             raise RuntimeError(f"{short}: the {lp['kind']} loop handles {lp['elements']} elements per iteration "
                                f"by its SASS, the source says {FUSED_BF16_ELEMENTS_PER_ITERATION}")
