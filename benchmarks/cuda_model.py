@@ -18,7 +18,8 @@ SASS loops (cuobjdump -sass, benchmarks/sass_loops.py), and rewrites
 benchmarks/cuda_model_build.json; --write-docs rewrites the generated block of
 docs/kernels.md's "Analytic model" section (between its cuda_model.py
 markers).  --reuse-objects reads the objects already built instead of
-running nvcc.  Any Python 3 with no extra packages runs the model itself.
+running nvcc.  The JSON keeps a digest of csrc/cuda/* and csrc/*.h; every run
+warns when the sources no longer match it (the facts are stale).  Any Python 3 with no extra packages runs the model itself.
 
 Time of one kernel = the largest of four floors:
 
@@ -384,6 +385,20 @@ def fused_entry(short, ins, reg, sass_loops):
                           "dynamic shared memory per block comes from the launch plan (fused_plan)"}
 
 
+def sources_digest():
+    """sha256 over the sources the kernels are built from (csrc/cuda/* and
+    the shared headers csrc/*.h), to tell whether the build facts are stale."""
+    import glob
+    import hashlib
+    h = hashlib.sha256()
+    paths = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*")) + glob.glob(os.path.join(ROOT, "csrc", "*.h"))
+    for path in sorted(paths):
+        h.update(os.path.relpath(path, ROOT).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
 def compile_and_read(out_dir, arch="90", reuse=False):
     """nvcc -c the forward, backward and fused .cu for sm_<arch> with ptxas -v;
     returns the build facts for bf16/bf16: registers, spills, static shared
@@ -407,7 +422,7 @@ def compile_and_read(out_dir, arch="90", reuse=False):
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     nvcc = os.path.join(cuda_home, "bin", "nvcc")
     std = "-std=c++20"
-    facts = {"arch": f"sm_{arch}", "kernels": {}, "raw": []}
+    facts = {"arch": f"sm_{arch}", "kernels": {}, "raw": [], "sources_sha256": sources_digest()}
     os.makedirs(out_dir, exist_ok=True)
     for src in ("csd_cuda_forward.cu", "csd_cuda_backward.cu", "csd_cuda_fused.cu"):
         obj = os.path.join(out_dir, src.replace(".cu", ".o"))
@@ -655,6 +670,9 @@ def main(argv=None):
             f.write("\n")
         print(f"wrote {BUILD_JSON}", file=sys.stderr)
     build = load_build()
+    if build.get("sources_sha256") != sources_digest():
+        print("warning: csrc/cuda or csrc/*.h changed since cuda_model_build.json was made; "
+              "rerun with --from-build --write-docs", file=sys.stderr)
     if args.write_docs:
         write_docs(build)
         print(f"wrote the model block of {DOCS}", file=sys.stderr)

@@ -89,7 +89,7 @@ def test_committed_build_has_the_built_fused_kernel_for_every_weighting():
     figures: an entry per weighting with its registers, shared memory and
     per-element loops, whose sum is the instructions per element."""
     build = cm.load_build()
-    assert build["arch"] == "sm_90"
+    assert build["arch"] == "sm_90" and re.fullmatch(r"[0-9a-f]{64}", build["sources_sha256"])
     for w in cm.WEIGHTINGS:
         e = build["kernels"][cm.weighting_kernel("fused", w)]
         assert re.fullmatch(r"csd::gpu::csd_fused_kernel<c10::BFloat16, \d+u>", e["kernel"])
