@@ -149,6 +149,45 @@ def fused_loops(instructions):
     return out
 
 
+def fused_element_loops(instructions, elem_bytes):
+    """The fused kernel's per-element loops with what one iteration of each
+    costs and handles, for the analytic model (benchmarks/cuda_model.py):
+    [{kind, instructions, fast, ex2, vectors, elements, elements_from}] in
+    address order, kinds "fill" (cp.async: LDGSTS), "max", "sums", "grad",
+    "masked max".  `fast` drops the cold basic blocks: the fill's scalar
+    loads and -inf padding of a misaligned row's ends (LDG/STS without
+    .128), and, as in fused_loops, the masked selects (FSETP) and scalar
+    stores of the other loops.  `elements` (per iteration) is derived from
+    the SASS: the 16-byte data accesses of the fast path (fill: LDGSTS.128;
+    steps: LDS.128), half of them the student's and half the teacher's, so
+    elements = accesses / 2 x 16 / elem_bytes; `elements_from` says "sass",
+    or None when the count is odd or zero (the caller then falls back to
+    the template constant and says so)."""
+    out = []
+    for _s, _e, body in innermost_loops(instructions, r"LDGSTS|^(@\S+ )?LDS\.128|HMNMX"):
+        blocks = basic_blocks(body)
+        ops = " ".join(t.split()[1] if t.startswith("@") else t.split()[0] for _, t in body)
+        if "LDGSTS" in ops:
+            kind = "fill"
+            fast = [b for b in blocks
+                    if not any(re.search(r"\bLDG\.", t) or re.search(r"\bSTS(\.U16)?\s", t) for _, t in b)]
+            vec = [t for b in fast for _, t in b if re.search(r"LDGSTS\S*\.128", t)]
+        else:
+            kind = ("max" if "HMNMX" in ops and "MUFU" not in ops else
+                    "grad" if "STG" in ops else "sums" if "MUFU.EX2" in ops else "masked max")
+            fast = [b for b in blocks
+                    if not any("FSETP" in t for _, t in b)
+                    and not any(re.search(r"STG\.E(\.U16)?\s", t) for _, t in b)]
+            vec = [t for b in fast for _, t in b if re.match(r"(@\S+ )?LDS\.128", t)]
+        n_vec = len(vec)
+        derived = n_vec > 0 and n_vec % 2 == 0
+        out.append({"kind": kind, "instructions": len(body), "fast": sum(len(b) for b in fast),
+                    "ex2": sum("MUFU.EX2" in t for b in fast for _, t in b), "vectors": n_vec,
+                    "elements": n_vec // 2 * 16 // elem_bytes if derived else None,
+                    "elements_from": "sass" if derived else None})
+    return out
+
+
 def print_fused(rows, names, filt):
     """Per element (fast path) of each fused-kernel loop, and their sum."""
     print()
