@@ -3,6 +3,8 @@
 set -euo pipefail
 repo_root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo_root"
+# The demo runs on this machine only: build just its CPU kernel variant.
+export CSD_CPU_ISAS=${CSD_CPU_ISAS:-native}
 # shellcheck disable=SC1091
 . scripts/setup_env.sh
 # The tiny embedded default: synthetic data, a BPE tokenizer, a GPT-2 teacher
