@@ -5,6 +5,8 @@ repo_root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo_root"
 # The demo runs on this machine only: build just its CPU kernel variant.
 export CSD_CPU_ISAS=${CSD_CPU_ISAS:-native}
+# ... and it needs none of the test suite's packages.
+export CSD_SETUP_TEST_DEPS=${CSD_SETUP_TEST_DEPS:-0}
 # shellcheck disable=SC1091
 . scripts/setup_env.sh
 # The tiny embedded default: synthetic data, a BPE tokenizer, a GPT-2 teacher

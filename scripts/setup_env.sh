@@ -5,6 +5,7 @@
 # nothing else is downloaded.
 #   CSD_VENV   where the venv lives (default: .venv in the clone)
 #   MAX_JOBS   parallel compile jobs (default 2)
+#   CSD_SETUP_TEST_DEPS  0: skip requirements-test.txt (scripts/main.sh)
 set -euo pipefail
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${CSD_VENV:-$repo_root/.venv}
@@ -22,6 +23,9 @@ pip_install() {
 echo "[setup] installing torch 2.13.0 (CPU) and dependencies"
 pip_install torch==2.13.0
 pip_install -r "$repo_root/requirements.txt"
+if [ "${CSD_SETUP_TEST_DEPS:-1}" = "1" ]; then
+  pip_install -r "$repo_root/requirements-test.txt"
+fi
 # Built as a release is: `python -m build --no-isolation` makes the sdist,
 # then a wheel from the unpacked sdist (so a file missing from the sdist
 # fails here), against this venv's torch.  The artifacts stay in dist/,

@@ -1,6 +1,6 @@
 """Version checks with upgrade messages for the integrations.
 
-The ranges below are the ones the test suite ran with (requirements.txt lists them too).
+The ranges below are the ones the test suite ran with (requirements.txt and requirements-test.txt install them).
 A version below the minimum lacks an API the code calls; a version above the tested
 maximum is allowed (with no warning) because these libraries mostly keep compatibility,
 but it has not been tested.
