@@ -1,9 +1,12 @@
 """Argument checks of fused_linear_csd: shapes, dtypes and devices of the
 hidden states, LM-head weights and the teacher, each error naming the argument."""
 
+from typing import NamedTuple
+
 import torch
 
-from ._validate import FLOAT_DTYPES
+from ._reduce import row_mask_of
+from ._validate import FLOAT_DTYPES, check_loss_options
 
 
 def _check_float_tensor(name, x):
@@ -124,3 +127,33 @@ def check_chunk_size(chunk_size):
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be None (automatic) or an int >= 1, got {chunk_size!r}")
     return chunk_size
+
+
+class LinearCall(NamedTuple):
+    """A fused-linear call's arguments, checked, with its inputs flattened to rows."""
+
+    vocab: int
+    alpha: float
+    temperature: float
+    chunk: int
+    lead: torch.Size  # the leading shape of student_hidden
+    hidden: torch.Tensor  # [N, H]
+    teacher: tuple  # (logits [N, V] or None, hidden [N, H_t] or None, weight, bias)
+    row_mask: torch.Tensor  # [N] bool, or None when every row counts
+
+
+def checked_linear_call(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
+                        teacher_weight, teacher_bias, labels, weighting, alpha, temperature, ignore_index,
+                        reduction, chunk_size):
+    """Checks a fused-linear CSD call (every error names its argument) and flattens its inputs;
+    the single-device and the vocab-parallel entry points both start here."""
+    vocab = check_linear("student", student_hidden, student_weight, student_bias)
+    check_teacher(student_hidden, vocab, teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
+    check_labels_for_hidden(labels, student_hidden)
+    alpha, temperature = check_loss_options(weighting, alpha, temperature, ignore_index, reduction)
+    chunk = check_chunk_size(chunk_size)
+    t_logits = None if teacher_logits is None else teacher_logits.reshape(-1, vocab)
+    t_hidden = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    return LinearCall(vocab, alpha, temperature, chunk, student_hidden.shape[:-1],
+                      student_hidden.reshape(-1, student_hidden.shape[-1]),
+                      (t_logits, t_hidden, teacher_weight, teacher_bias), row_mask_of(labels, ignore_index))

@@ -7,16 +7,9 @@ how the work is chunked.
 import torch
 
 from . import _fused_ops  # noqa: F401  (registers the fused ops)
-from ._reduce import reduce_rows, row_mask_of
-from ._validate import (
-    check_alpha,
-    check_ignore_index,
-    check_loss_options,
-    check_reduction,
-    check_temperature,
-    check_weighting,
-)
-from ._validate_fused import check_chunk_size, check_labels_for_hidden, check_linear, check_teacher
+from ._reduce import reduce_rows
+from ._validate import check_alpha, check_ignore_index, check_reduction, check_temperature, check_weighting
+from ._validate_fused import check_chunk_size, checked_linear_call
 
 
 def fused_linear_csd(
@@ -86,18 +79,9 @@ def fused_linear_csd(
             ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
             reduce_hidden_grad=vocab_parallel_reduce_hidden_grad,
         )
-    vocab = check_linear("student", student_hidden, student_weight, student_bias)
-    check_teacher(student_hidden, vocab, teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
-    check_labels_for_hidden(labels, student_hidden)
-    alpha, temperature = check_loss_options(weighting, alpha, temperature, ignore_index, reduction)
-    chunk = check_chunk_size(chunk_size)
-
-    lead = student_hidden.shape[:-1]
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    t_logits = None if teacher_logits is None else teacher_logits.reshape(-1, vocab)
-    t_hidden = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    row_mask = row_mask_of(labels, ignore_index)
-    teacher = (t_logits, t_hidden, teacher_weight, teacher_bias)
+    vocab, alpha, temperature, chunk, lead, hidden, teacher, row_mask = checked_linear_call(
+        student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden, teacher_weight,
+        teacher_bias, labels, weighting, alpha, temperature, ignore_index, reduction, chunk_size)
 
     grad_on = torch.is_grad_enabled()
     need = [grad_on and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]

@@ -30,9 +30,8 @@ import torch.distributed as dist
 from .. import _fused_ops
 from .._fused_ops import _ComputeWeight, _dtypes, _grad_scale, auto_chunk_rows
 from .._ops import NUM_STATS
-from .._reduce import reduce_rows, row_mask_of
-from .._validate import check_loss_options
-from .._validate_fused import check_chunk_size, check_labels_for_hidden, check_linear, check_teacher
+from .._reduce import reduce_rows
+from .._validate_fused import checked_linear_call
 from ._comm import PendingGather, resolve_group
 from ._kernel_stats import local_partial_states
 from ._moments import needs_of
@@ -225,21 +224,12 @@ def vocab_parallel_fused_linear_csd(
     grad_hidden is all-reduced over `group` unless `reduce_hidden_grad=False`.
     Called through ``fused_linear_csd(..., vocab_parallel_group=group)``.
     """
-    vocab = check_linear("student", student_hidden, student_weight, student_bias)
-    check_teacher(student_hidden, vocab, teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
-    check_labels_for_hidden(labels, student_hidden)
-    alpha, temperature = check_loss_options(weighting, alpha, temperature, ignore_index, reduction)
-    chunk = check_chunk_size(chunk_size)
+    vocab, alpha, temperature, chunk, lead, hidden, teacher, row_mask = checked_linear_call(
+        student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden, teacher_weight,
+        teacher_bias, labels, weighting, alpha, temperature, ignore_index, reduction, chunk_size)
     if not isinstance(reduce_hidden_grad, bool):
         raise TypeError(f"reduce_hidden_grad must be a bool, got {reduce_hidden_grad!r}")
     group = resolve_group(group)
-
-    lead = student_hidden.shape[:-1]
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    t_logits = None if teacher_logits is None else teacher_logits.reshape(-1, vocab)
-    t_hidden = None if teacher_hidden is None else teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    row_mask = row_mask_of(labels, ignore_index)
-    teacher = (t_logits, t_hidden, teacher_weight, teacher_bias)
     grad_on = torch.is_grad_enabled()
     need = tuple(grad_on and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias))
     if reduction != "none" and any(need):
