@@ -19,12 +19,11 @@ Prints one line per kernel and architecture.  Exit status 1 on a failure.
 
 import os
 import re
-import subprocess
 import sys
 from collections import Counter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from sass_loops import demangle, find_cuobjdump  # noqa: E402
+from sass_loops import csd_sass_functions, demangle  # noqa: E402
 
 LOCAL = re.compile(r"\b(LDL|STL)(\.[A-Z0-9]+)*\b")
 EQUAL_PAIRS = ("<float, float,", "<BFloat16, BFloat16,", "<Half, Half,")
@@ -55,17 +54,8 @@ def requirement(name, ops):
 def main(argv):
     if len(argv) < 2:
         sys.exit(__doc__)
-    sass = subprocess.run([find_cuobjdump(), "-sass", argv[1]], capture_output=True, text=True, check=True).stdout
-    arch = "?"
-    found = []
-    for block in re.split(r"\n(?=\s*code for sm_|\s*Function : )", sass):
-        m = re.match(r"\s*code for (sm_\w+)", block)
-        if m:
-            arch = m.group(1)
-            continue
-        m = re.match(r"\s*Function : (\S+)", block)
-        if m and "csd" in m.group(1):
-            found.append((m.group(1), arch, opcodes(block), len(LOCAL.findall(block))))
+    found = [(mangled, arch, opcodes(block), len(LOCAL.findall(block)))
+             for arch, mangled, block in csd_sass_functions(argv[1])]
     if not found:
         print("sass_check: no csd kernel in the SASS")
         return 1

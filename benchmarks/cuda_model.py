@@ -445,15 +445,10 @@ def compile_and_read(out_dir, arch="90", reuse=False):
         names = ptxas_summary.demangle(sorted({k["name"] for k in kernels}))
         for k in kernels:
             regs[names[k["name"]]] = k
-        sass = subprocess.run([sass_loops.find_cuobjdump(), "-sass", obj], capture_output=True, text=True,
-                              check=True).stdout
-        for block in re.split(r"\n(?=\s*code for sm_|\s*Function : )", sass):
-            m = re.match(r"\s*Function : (\S+)", block)
-            if not m or "csd" not in m.group(1):
-                continue
-            name = sass_loops.demangle([m.group(1)])[0]
+        for _arch, mangled, block in sass_loops.csd_sass_functions(obj):
+            name = sass_loops.demangle([mangled])[0]
             short = re.sub(r"\(.*$", "", re.sub(r"^void ", "", name))
-            ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", block)]
+            ins = sass_loops.instructions(block)
             reg = next((v for kname, v in regs.items() if re.sub(r"\(.*$", "", re.sub(r"^void ", "", kname)) == short),
                        None)
             if re.search(r"csd_fused_kernel<c10::BFloat16,", short):

@@ -208,27 +208,39 @@ def print_fused(rows, names, filt):
               f"{sum(x for _, _, x in hot):>6.1f}")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("binary", help="the built extension (.so) or a CUDA object (.o)")
-    ap.add_argument("--filter", default="", help="only kernels whose demangled name contains this")
-    args = ap.parse_args()
-    sass = subprocess.run([find_cuobjdump(), "-sass", args.binary], capture_output=True, text=True, check=True).stdout
+def csd_sass_functions(binary):
+    """(arch, mangled name, SASS text) of every csd kernel in ``binary`` (a .so, .o or .cubin),
+    in cuobjdump's order; the one parser of cuobjdump's listing for this script,
+    .ci/sass_check.py and cuda_model.py."""
+    sass = subprocess.run([find_cuobjdump(), "-sass", binary], capture_output=True, text=True, check=True).stdout
     arch = "?"
-    rows = []
     for block in re.split(r"\n(?=\s*code for sm_|\s*Function : )", sass):
         m = re.match(r"\s*code for (sm_\w+)", block)
         if m:
             arch = m.group(1)
             continue
         m = re.match(r"\s*Function : (\S+)", block)
-        if not m or "csd" not in m.group(1):
-            continue
-        ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", block)]
+        if m and "csd" in m.group(1):
+            yield arch, m.group(1), block
+
+
+def instructions(block):
+    """(address, instruction text) of each instruction in one function's SASS."""
+    return [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", block)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("binary", help="the built extension (.so) or a CUDA object (.o)")
+    ap.add_argument("--filter", default="", help="only kernels whose demangled name contains this")
+    args = ap.parse_args()
+    rows = []
+    for arch, mangled, block in csd_sass_functions(args.binary):
+        ins = instructions(block)
         body = longest_loop(ins)
         ops = Counter((t.split()[1] if t.startswith("@") else t.split()[0]) for _, t in body)
-        fused = fused_loops(ins) if "csd_fused_kernel" in m.group(1) else []
-        rows.append((m.group(1), arch, len(ins), len(body), hot_path(body), ops, fused))
+        fused = fused_loops(ins) if "csd_fused_kernel" in mangled else []
+        rows.append((mangled, arch, len(ins), len(body), hot_path(body), ops, fused))
     names = demangle([r[0] for r in rows])
     print(f"{'kernel':<78} {'arch':<7} {'total':>6} {'loop':>5} {'hot':>4} {'EX2':>4} {'BSSY':>5} {'PRMT':>5}")
     for (_, arch, total, size, hot, ops, _fused), name in sorted(zip(rows, names), key=lambda x: (x[1], x[0][1])):
