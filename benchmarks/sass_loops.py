@@ -57,15 +57,19 @@ def longest_loop(instructions):
     memory (the chunk loop; CUB's reductions, after it, have backward
     branches too but read only shared memory), as [(address, text)]."""
     best = []
-    for addr, text in instructions:
-        m = re.search(r"BRA\s.*?(0x[0-9a-f]+)", text)
-        if not m or int(m.group(1), 16) >= addr:
-            continue
-        start = int(m.group(1), 16)
-        body = [(a, t) for a, t in instructions if start <= a <= addr]
+    for _start, _end, body in backward_branch_ranges(instructions):
         if len(body) > len(best) and any("LDG" in t for _, t in body):
             best = body
     return best
+
+
+def backward_branch_ranges(instructions):
+    """(start, end, body) of every range closed by a backward branch: the loops."""
+    for addr, text in instructions:
+        m = re.search(r"BRA\s.*?(0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            start = int(m.group(1), 16)
+            yield start, addr, [(a, t) for a, t in instructions if start <= a <= addr]
 
 
 def basic_blocks(body):
@@ -112,15 +116,8 @@ def hot_path(body):
 def innermost_loops(instructions, marker):
     """Loops (backward-branch ranges) holding an instruction that matches
     `marker` and holding no smaller such loop, in address order."""
-    loops = []
-    for addr, text in instructions:
-        m = re.search(r"BRA\s.*?(0x[0-9a-f]+)", text)
-        if not m or int(m.group(1), 16) >= addr:
-            continue
-        start = int(m.group(1), 16)
-        body = [(a, t) for a, t in instructions if start <= a <= addr]
-        if any(re.search(marker, t) for _, t in body):
-            loops.append((start, addr, body))
+    loops = [(start, end, body) for start, end, body in backward_branch_ranges(instructions)
+             if any(re.search(marker, t) for _, t in body)]
     return [(s, e, b) for s, e, b in loops
             if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2, _ in loops)]
 
