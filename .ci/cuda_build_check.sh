@@ -119,27 +119,27 @@ for arch in ${archs//;/ }; do
 done
 echo "architectures: $archs (all compiled)"
 
+# gate OUT WHY CMD...: runs CMD with its output kept in OUT and shown; fails the check with WHY.
+gate() {
+  local out=$1 why=$2 status
+  shift 2
+  set +e
+  "$@" > "$out" 2>&1
+  status=$?
+  set -e
+  cat "$out"
+  if [[ $status -ne 0 ]]; then
+    echo "cuda_build_check: FAILED: $why; see $out" >&2
+    exit 1
+  fi
+}
 step "register use and spills (ptxas -v)"
-set +e
-"$VENV/bin/python" "$ROOT/.ci/ptxas_summary.py" "$LOG" --fail-on-spills > "$LOG_DIR/ptxas_summary.txt"
-status=$?
-set -e
-cat "$LOG_DIR/ptxas_summary.txt"
-if [[ $status -ne 0 ]]; then
-  echo "cuda_build_check: FAILED: register spills in csd kernels (or no ptxas output); see $LOG" >&2
-  exit 1
-fi
+gate "$LOG_DIR/ptxas_summary.txt" "register spills in csd kernels (or no ptxas output in $LOG)" \
+  "$VENV/bin/python" "$ROOT/.ci/ptxas_summary.py" "$LOG" --fail-on-spills
 step "SASS: no local memory, 16-byte hot-path accesses (cuobjdump; .ci/sass_check.py)"
 so="$(ls "$WORK"/csd_ext/_C*.so | head -n1)"
-set +e
-"$VENV/bin/python" "$ROOT/.ci/sass_check.py" "$so" > "$LOG_DIR/sass_check.txt" 2>&1
-status=$?
-set -e
-cat "$LOG_DIR/sass_check.txt"
-if [[ $status -ne 0 ]]; then
-  echo "cuda_build_check: FAILED: local-memory accesses or missing 16-byte hot-path accesses in csd kernels; see $LOG_DIR/sass_check.txt" >&2
-  exit 1
-fi
+gate "$LOG_DIR/sass_check.txt" "local-memory accesses or missing 16-byte hot-path accesses in csd kernels" \
+  "$VENV/bin/python" "$ROOT/.ci/sass_check.py" "$so"
 # Instructions and exps per element of each kernel's loops (a report, not a gate).
 "$VENV/bin/python" "$ROOT/benchmarks/sass_loops.py" "$so" > "$LOG_DIR/sass_loops.txt" 2>&1 || true
 sed -n '/^fused kernel/,$p' "$LOG_DIR/sass_loops.txt"
