@@ -41,6 +41,17 @@ def shift_labels(labels):
     return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def head_for(head, hidden, vocab_size):
+    """The LM head's (weight, bias) for fused_linear_csd: refused if sharded, cut to the first
+    ``vocab_size`` rows (the shared vocabulary), and in the hidden states' dtype (under autocast
+    the two may differ: compute as the head would)."""
+    weight, bias = head.weight, head.bias
+    check_unsharded(weight)
+    if vocab_size is not None:
+        weight, bias = weight[:vocab_size], None if bias is None else bias[:vocab_size]
+    return weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
+
+
 def distillation_sums(student, teacher, inputs, labels, *, kd_ratio, csd_kwargs, use_fused_linear, vocab_size=None,
                       log_ce=False):
     """(loss sum over counted tokens, {"ce": sum, "kd": sum}, student outputs) for one micro-batch.
@@ -53,12 +64,7 @@ def distillation_sums(student, teacher, inputs, labels, *, kd_ratio, csd_kwargs,
     loss = None
     if use_fused_linear:
         hidden, head, outputs = hidden_states_and_head(student, inputs)
-        weight, bias = head.weight, head.bias
-        check_unsharded(weight)
-        if vocab_size is not None:
-            weight, bias = weight[:vocab_size], None if bias is None else bias[:vocab_size]
-        weight = weight.to(hidden.dtype)
-        bias = None if bias is None else bias.to(hidden.dtype)
+        weight, bias = head_for(head, hidden, vocab_size)
         if kd_ratio < 1:
             parts["ce"] = linear_cross_entropy_sum(hidden, weight, bias, labels)
             loss = (1 - kd_ratio) * parts["ce"]
@@ -69,13 +75,7 @@ def distillation_sums(student, teacher, inputs, labels, *, kd_ratio, csd_kwargs,
         if kd_ratio > 0:
             with torch.no_grad():
                 t_hidden, t_head, _ = hidden_states_and_head(teacher, inputs)
-            t_weight, t_bias = t_head.weight, t_head.bias
-            check_unsharded(t_weight)
-            if vocab_size is not None:
-                t_weight, t_bias = t_weight[:vocab_size], None if t_bias is None else t_bias[:vocab_size]
-            # under autocast the hidden states and the head may differ in dtype: compute as the head would
-            t_weight = t_weight.to(t_hidden.dtype)
-            t_bias = None if t_bias is None else t_bias.to(t_hidden.dtype)
+            t_weight, t_bias = head_for(t_head, t_hidden, vocab_size)
             check_same_vocab(weight.shape[0], t_weight.shape[0])
             parts["kd"] = fused_linear_csd(
                 hidden, weight, None, labels, teacher_hidden=t_hidden, teacher_weight=t_weight,
