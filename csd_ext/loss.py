@@ -98,8 +98,14 @@ def csd_loss(
     check_ignore_index(ignore_index)
     check_reduction(reduction)
 
-    row_mask = row_mask_of(labels, ignore_index)
     student, teacher = flatten_logits(student_logits), flatten_logits(teacher_logits)
+    if _ops.use_one_launch(student, teacher, reduction):
+        # CUDA training of a mean or sum: one launch forward (the kernel reads
+        # the labels and reduces), one backward (docs/kernels.md).
+        flat_labels = None if labels is None else labels.reshape(-1)
+        return _ops.fused_csd_loss(student, teacher, flat_labels, ignore_index, weighting, alpha, temperature,
+                                   reduction)
+    row_mask = row_mask_of(labels, ignore_index)
     if _ops.use_fused(student, teacher):
         # The gradient is computed in the forward for the grad_loss this
         # reduction will hand back after a backward from 1.0.
