@@ -105,12 +105,23 @@ def test_eager_autograd_any_grad_output_and_retain_graph(one_launch_on_cpu, monk
     assert torch.equal(b.grad, -(g3 + r.grad))
 
 
-def test_reduction_none_keeps_the_fused_pair(one_launch_on_cpu):
+def test_reduction_none_keeps_the_fused_pair(one_launch_on_cpu, monkeypatch):
+    """reduction="none" has per-row outputs: it keeps csd_forward_grad and
+    csd_backward_reuse_ (per-row grad_output honoured)."""
     z, t = make_logits((4, 500), seed=6)
+    monkeypatch.setattr(_ops._FusedCSDLoss, "apply", lambda *a: pytest.fail("csd_loss_grad for reduction='none'"))
+    seen = []
+    real = _ops._FusedCSD.apply
+    monkeypatch.setattr(_ops._FusedCSD, "apply", lambda *a: seen.append(1) or real(*a))
     a = z.clone().requires_grad_(True)
     out = csd_loss(a, t, reduction="none")
-    assert out.shape == (4,)
-    out.sum().backward()
+    assert out.shape == (4,) and seen
+    w = torch.tensor([0.5, 1.0, 2.0, 0.0])
+    (out * w).sum().backward()
+    loss, stats = torch.ops.csd_ext.csd_forward(z, t, None, "SS", 0.5, 1.0)
+    want = torch.ops.csd_ext.csd_backward(w, z, t, stats, "SS", 0.5, 1.0)
+    torch.testing.assert_close(out.detach(), loss)
+    torch.testing.assert_close(a.grad, want, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
