@@ -210,7 +210,8 @@ class BuildExtension(cpp_extension.BuildExtension):
 def make_extension():
     isas = cpu_isas()
     define_macros = [(f"CSD_HAVE_{isa.upper()}", "1") for isa in isas if isa != "default"]
-    sources = [os.path.join(CSRC, "csd_ops.cpp"), os.path.join(CSRC, "cpu", "csd_cpu.cpp")]
+    sources = [os.path.join(CSRC, "csd_ops.cpp"), os.path.join(CSRC, "cpu", "csd_cpu.cpp"),
+               os.path.join(CSRC, "cpu", "csd_cpu_loss.cpp")]
     cxx_flags = ["-O3", *no_debug_info_flags(), CXX_STD] + openmp_flags()
     link_flags = openmp_flags()
     if want_cuda():

@@ -20,6 +20,19 @@ The forward writes the gradient for grad_loss = grad_scale while each row is
 still in cache; the backward hands that tensor over, recomputing in place
 only the rows whose grad_loss differs (for a mean or sum backward from 1.0,
 none).  This saves re-reading both [N, V] logit tensors in the backward.
+
+On CUDA, for a "mean" or "sum" reduction, eager training goes one step
+further (`fused_csd_loss`):
+
+    csd_ext::csd_loss_grad(student, teacher, labels?, ignore_index, ..., reduction)
+        -> (loss [], grad_student)
+    csd_ext::csd_scale_grad_(grad_student(a!), grad_output [])
+
+The forward is ONE kernel launch (the fused kernel reads the labels, counts
+them for a mean, writes the gradient for a backward of 1.0 and reduces the
+per-row losses to the scalar, deterministically); the backward scales that
+gradient by grad_output on the device (one launch, which reads nothing when
+grad_output is exactly 1).
 """
 
 import torch
@@ -86,6 +99,16 @@ def _csd_forward_grad_scaled_fake(student, teacher, row_mask, weighting, alpha, 
 @torch.library.register_fake("csd_ext::csd_backward_reuse_scaled_")
 def _csd_backward_reuse_scaled_fake(grad_loss, student, teacher, stats, grad_student, weighting, alpha,
                                     temperature, grad_scale):
+    return None
+
+
+@torch.library.register_fake("csd_ext::csd_loss_grad")
+def _csd_loss_grad_fake(student, teacher, labels, ignore_index, weighting, alpha, temperature, reduction):
+    return student.new_empty((), dtype=accumulate_dtype(student, teacher)), student.new_empty(student.shape)
+
+
+@torch.library.register_fake("csd_ext::csd_scale_grad_")
+def _csd_scale_grad_fake(grad_student, grad_output):
     return None
 
 
@@ -256,6 +279,93 @@ torch.library.register_autograd("csd_ext::csd_forward_grad", _forward_grad_backw
                                 setup_context=_forward_grad_setup_context)
 torch.library.register_autograd("csd_ext::csd_forward_grad_scaled", _forward_grad_backward,
                                 setup_context=_forward_grad_setup_context)
+
+
+def _loss_grad_setup_context(ctx, inputs, output):
+    _loss, grad = output
+    ctx.save_for_backward(grad)
+    ctx.teacher_dtype = inputs[1].dtype
+    ctx.mark_non_differentiable(grad)
+
+
+def _loss_grad_backward(ctx, grad_output, _grad_grad):
+    """csd_loss_grad's registered backward (a direct call of the op, or a
+    compiled graph): its gradient is for a backward of 1.0, so grad_output
+    scales it, in place (the saved output has no other use there; eager
+    csd_loss uses _FusedCSDLoss, which hands the tensor over once)."""
+    (grad,) = ctx.saved_tensors
+    needs_student, needs_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (needs_student or needs_teacher):
+        return (None,) * 8
+    torch.ops.csd_ext.csd_scale_grad_(grad, grad_output)
+    grad_student = grad if needs_student else None
+    # d/dt of the stop-gradient objective is the negative of d/dz.
+    grad_teacher = grad.neg().to(ctx.teacher_dtype) if needs_teacher else None
+    return grad_student, grad_teacher, None, None, None, None, None, None
+
+
+torch.library.register_autograd("csd_ext::csd_loss_grad", _loss_grad_backward,
+                                setup_context=_loss_grad_setup_context)
+
+
+class _FusedCSDLoss(torch.autograd.Function):
+    """Eager autograd of csd_loss_grad: the gradient (for a backward of 1.0)
+    is held by ctx and handed over exactly once, scaled in place by
+    grad_output (csd_scale_grad_: nothing is read when grad_output is 1).  A
+    second backward (retain_graph=True) reruns csd_loss_grad, which gives
+    bit-identical results."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, ignore_index, weighting, alpha, temperature, reduction):
+        loss, grad = torch.ops.csd_ext.csd_loss_grad(student, teacher, labels, ignore_index, weighting, alpha,
+                                                     temperature, reduction)
+        ctx.save_for_backward(student, teacher, labels)
+        ctx.grad = grad
+        ctx.params = (ignore_index, weighting, alpha, temperature, reduction)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        student, teacher, labels = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            _, grad = torch.ops.csd_ext.csd_loss_grad(student, teacher, labels, *ctx.params)
+        torch.ops.csd_ext.csd_scale_grad_(grad, grad_output)
+        grad_student = grad if ctx.needs_input_grad[0] else None
+        # d/dt of the stop-gradient objective is the negative of d/dz.
+        grad_teacher = grad.neg().to(teacher.dtype) if ctx.needs_input_grad[1] else None
+        return grad_student, grad_teacher, None, None, None, None, None, None
+
+
+def fused_csd_loss(student, teacher, labels, ignore_index, weighting, alpha, temperature, reduction):
+    """The reduced ("mean" or "sum") loss through csd_loss_grad: one launch
+    forward, one backward.  labels: flat [N] integers or None."""
+    return _FusedCSDLoss.apply(student, teacher, labels, ignore_index, weighting, alpha, temperature, reduction)
+
+
+# Devices whose eager training path of a reduced loss is csd_loss_grad (see
+# `use_one_launch`).  On the CPU the op pair + reduce_rows stays the eager
+# path (the CPU op is a composition of exactly those); the emulated GPU
+# suite puts "cpu" in here to reach the emulated CUDA kernel.
+ONE_LAUNCH_DEVICES = {"cuda"}
+
+
+def has_one_launch_kernel(device: torch.device) -> bool:
+    """Whether csd_loss_grad / csd_scale_grad_ have a kernel for `device`."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return key is not None and all(has("csd_ext::" + op, key) for op in ("csd_loss_grad", "csd_scale_grad_"))
+
+
+def use_one_launch(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> bool:
+    """Eager training of a "mean" or "sum" loss on a device in
+    ONE_LAUNCH_DEVICES: csd_loss calls csd_loss_grad (one launch)."""
+    return (
+        reduction != "none"
+        and student.device.type in ONE_LAUNCH_DEVICES
+        and use_fused(student, teacher)
+        and has_one_launch_kernel(student.device)
+    )
 
 
 def use_fused_compiled(student: torch.Tensor, teacher: torch.Tensor) -> bool:

@@ -95,8 +95,14 @@ def csd_loss(
     check_labels(labels, student_logits)
     alpha, temperature = check_loss_options(weighting, alpha, temperature, ignore_index, reduction)
 
-    row_mask = row_mask_of(labels, ignore_index)
     student, teacher = flatten_logits(student_logits), flatten_logits(teacher_logits)
+    if _ops.use_one_launch(student, teacher, reduction):
+        # CUDA training of a mean or sum: one launch forward (the kernel reads
+        # the labels and reduces), one backward (docs/kernels.md).
+        flat_labels = None if labels is None else labels.reshape(-1)
+        return _ops.fused_csd_loss(student, teacher, flat_labels, ignore_index, weighting, alpha, temperature,
+                                   reduction)
+    row_mask = row_mask_of(labels, ignore_index)
     if _ops.use_fused(student, teacher):
         # The gradient is computed in the forward for the grad_loss this
         # reduction will hand back after a backward from 1.0.

@@ -30,6 +30,10 @@ LossConfig make_config(const std::string& weighting, double alpha, double temper
 // Python wrapper.
 void check_logits(const at::Tensor& student, const at::Tensor& teacher);
 void check_row_mask(const std::optional<at::Tensor>& row_mask, const at::Tensor& student);
+// csd_loss_grad's labels: an optional integer [N] tensor on the logits' device.
+void check_labels(const std::optional<at::Tensor>& labels, const at::Tensor& student);
+// csd_loss_grad's reduction: true for "mean", false for "sum"; else ValueError.
+bool reduction_is_mean(c10::string_view reduction);
 at::ScalarType accumulate_type_of(const at::Tensor& student, const at::Tensor& teacher);
 // Checks csd_backward's grad_loss [N] and stats [N, kNumStats] (contiguous,
 // of the accumulation type) against the logits, including their device.

@@ -449,5 +449,28 @@ CSD_HD GradCoeffs<acc_t> grad_coeffs_of_row(const Mixture<acc_t>& w1, const Mixt
   return c;
 }
 
+// ---------------------------------------------------------------------------
+// Reductions over rows (csd_loss_grad): "mean" divides by the number of
+// counted rows, at least 1 (no counted row: loss 0, gradient 0), "sum" by
+// nothing.  The gradient each row gets from a backward of 1.0 through the
+// reduction is 1/max(count, 1) or 1, in the accumulation type, the same
+// expression on the host (CPU op) and in the fused CUDA kernel.  `count` is
+// an exact integer in acc_t (the CUDA launcher keeps rows < 2^24 for fp32).
+// ---------------------------------------------------------------------------
+template <typename acc_t>
+CSD_HD acc_t reduction_divisor(bool mean, acc_t count) {
+  return mean ? (count > acc_t(1) ? count : acc_t(1)) : acc_t(1);
+}
+
+template <typename acc_t>
+CSD_HD acc_t reduction_grad_scale(bool mean, acc_t count) {
+  return acc_t(1) / reduction_divisor(mean, count);
+}
+
+template <typename acc_t>
+CSD_HD acc_t reduce_total(bool mean, acc_t total, acc_t count) {
+  return mean ? total / reduction_divisor(mean, count) : total;
+}
+
 CSD_FUNCTIONS_END
 }  // namespace csd

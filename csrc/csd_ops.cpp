@@ -18,6 +18,16 @@
 //       the same with grad_scale a one-element tensor of the loss dtype on the
 //       logits' device (e.g. 1 / the valid-token count, computed there), so
 //       the host never reads it (no sync).
+//   csd_loss_grad(student, teacher, labels [N] int?, ignore_index, weighting, alpha,
+//                 temperature, reduction) -> (loss [], grad_student [N,V])
+//       the whole reduced loss ("mean" or "sum") and its gradient for a
+//       backward of 1.0: the row mask (labels != ignore_index), the mean's
+//       count and the reduction are the op's own, so on CUDA it is one launch
+//       of the fused kernel (docs/kernels.md) and the count never leaves the
+//       device;
+//   csd_scale_grad_(grad_student(a!), grad_output []) -> ()
+//       its backward: grad_student *= grad_output, read on the device; a
+//       grad_output of exactly 1 leaves it untouched (nothing read).
 // loss and stats are float32, or float64 when either input is float64.
 #include <Python.h>
 #include <torch/library.h>
@@ -91,6 +101,24 @@ void check_row_mask(const std::optional<at::Tensor>& row_mask, const at::Tensor&
                     " but student_logits is on ", student.device());
 }
 
+void check_labels(const std::optional<at::Tensor>& labels, const at::Tensor& student) {
+  if (!labels.has_value()) return;
+  const at::Tensor& l = *labels;
+  TORCH_CHECK_TYPE(at::isIntegralType(l.scalar_type(), /*includeBool=*/false),
+                   "labels must be an integer tensor, got ", l.scalar_type());
+  TORCH_CHECK_VALUE(l.dim() == 1 && l.size(0) == student.size(0), "labels must have shape [",
+                    student.size(0), "] (flattened like the logits' rows), got ", l.sizes());
+  TORCH_CHECK_VALUE(l.device() == student.device(), "labels is on ", l.device(),
+                    " but student_logits is on ", student.device());
+}
+
+bool reduction_is_mean(c10::string_view reduction) {
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum",
+                    "reduction must be 'mean' or 'sum' for csd_loss_grad, got '", std::string(reduction),
+                    "'");
+  return reduction == "mean";
+}
+
 at::ScalarType accumulate_type_of(const at::Tensor& student, const at::Tensor& teacher) {
   return (student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble)
              ? at::kDouble
@@ -137,5 +165,9 @@ TORCH_LIBRARY(csd_ext, m) {
       "csd_backward_reuse_scaled_(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, "
       "Tensor(a!) grad_student, str weighting, float alpha, float temperature, "
       "Tensor grad_scale) -> ()");
+  m.def(
+      "csd_loss_grad(Tensor student, Tensor teacher, Tensor? labels, int ignore_index, str weighting, "
+      "float alpha, float temperature, str reduction) -> (Tensor, Tensor)");
+  m.def("csd_scale_grad_(Tensor(a!) grad_student, Tensor grad_output) -> ()");
 }
 #endif

@@ -59,7 +59,8 @@ def emulation_seed():
 @functools.lru_cache(maxsize=None)
 def load_emulated_ops():
     """Builds (once per build directory and source version) and loads the ops
-    csd_emulated::forward / backward / forward_grad / backward_reuse_."""
+    csd_emulated::forward / backward / forward_grad / backward_reuse_ /
+    loss_grad / scale_grad_."""
     from torch.utils.cpp_extension import load
 
     emulation_seed()
@@ -144,6 +145,17 @@ class EmulatedGpu:
             ops.backward_reuse_(grad_loss, student, teacher, stats, grad, weighting, alpha, temperature, 1.0,
                                 grad_scale)
 
+        def loss_grad(student, teacher, labels, ignore_index, weighting, alpha, temperature, reduction):
+            self.launches += 1
+            self.calls["loss_grad"] = self.calls.get("loss_grad", 0) + 1
+            return ops.loss_grad(student, teacher, labels, ignore_index, weighting, alpha, temperature, reduction,
+                                 sms)
+
+        def scale_grad_(grad, grad_output):
+            self.launches += 1
+            self.calls["scale_grad_"] = self.calls.get("scale_grad_", 0) + 1
+            ops.scale_grad_(grad, grad_output)
+
         with _quiet_override_warning():
             lib.impl("csd_forward", forward, "CPU")
             lib.impl("csd_backward", backward, "CPU")
@@ -151,13 +163,20 @@ class EmulatedGpu:
             lib.impl("csd_backward_reuse_", backward_reuse_, "CPU")
             lib.impl("csd_forward_grad_scaled", forward_grad_scaled, "CPU")
             lib.impl("csd_backward_reuse_scaled_", backward_reuse_scaled_, "CPU")
+            lib.impl("csd_loss_grad", loss_grad, "CPU")
+            lib.impl("csd_scale_grad_", scale_grad_, "CPU")
         self._lib = lib
         # Eager training takes the fused pair (csd_forward_grad), as on a GPU:
         # it now reaches the emulated fused kernel.
         self._has_fused_kernel = csd_ops.has_fused_kernel
         csd_ops.has_fused_kernel = lambda device: device.type == "cpu"
+        # ... and a reduced loss csd_loss_grad's one launch, as on a GPU.
+        self._one_launch_devices = set(csd_ops.ONE_LAUNCH_DEVICES)
+        csd_ops.ONE_LAUNCH_DEVICES.add("cpu")
 
     def _unroute(self):
+        csd_ops.ONE_LAUNCH_DEVICES.clear()
+        csd_ops.ONE_LAUNCH_DEVICES.update(self._one_launch_devices)
         csd_ops.has_fused_kernel = self._has_fused_kernel
         self._lib._destroy()  # the CPU kernels registered in C++ are current again
         self._lib = None

@@ -397,11 +397,72 @@ def test_no_host_syncs(gpu):
         # csd_loss with a student that needs a gradient runs the fused pair
         # (csd_forward_grad[_scaled] + csd_backward_reuse[_scaled]_) where the
         # backend has it, the op pair otherwise; fused_linear_csd the op pair.
+        # A mean or sum runs csd_loss_grad + csd_scale_grad_ (one launch each on CUDA).
         pair = "csd_ext::csd_forward" in rec.ops and "csd_ext::csd_backward" in rec.ops
         fused_pair = (any(op.startswith("csd_ext::csd_forward_grad") for op in rec.ops)
                       and any(op.startswith("csd_ext::csd_backward_reuse") for op in rec.ops))
-        assert pair or fused_pair, sorted(rec.ops)
+        one_launch = {"csd_ext::csd_loss_grad", "csd_ext::csd_scale_grad_"} <= rec.ops
+        if reduction == "none":
+            assert pair or fused_pair, sorted(rec.ops)
+        else:
+            assert one_launch, sorted(rec.ops)
         assert not rec.ops & HOST_SYNC_OPS, f"{reduction}: host syncs {sorted(rec.ops & HOST_SYNC_OPS)}"
+
+
+@pytest.mark.parametrize("weighting", ["TT", "TU"])
+@pytest.mark.parametrize("ignored", ["some", "all", "no labels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_launch_reduced_loss(gpu, weighting, ignored, dtype):
+    """csd_loss's training path for "mean" and "sum" (csd_loss_grad: the fused
+    kernel reads the labels, counts them, writes the gradient and reduces, in
+    one launch on CUDA): against float64 (T and U weights do not depend on z,
+    so autograd of the reference is the kernel's gradient), bitwise the same
+    on a rerun, the mean exactly the sum over max(count, 1), zero loss and
+    gradient when every row is ignored, and a grad_output that scales the
+    stored gradient with one rounding (csd_scale_grad_)."""
+    z, t = make_logits((3, 5, 3001), seed=7, dtype=dtype, device=gpu.device)
+    labels = None
+    if ignored != "no labels":
+        labels = make_labels((3, 5), ignore_frac=0.4, seed=7, device=gpu.device)
+        labels[0, 0], labels[0, 1] = -100, 5
+        if ignored == "all":
+            labels.fill_(-100)
+    count = 15 if labels is None else int((labels != -100).sum())
+    results = {}
+    for reduction in ("mean", "sum"):
+        runs = []
+        for _ in range(2):
+            a = z.clone().requires_grad_(True)
+            b = t.clone().requires_grad_(True)
+            loss = csd_loss(a, b, labels, weighting=weighting, reduction=reduction)
+            loss.backward()
+            runs.append((loss.detach(), a.grad, b.grad))
+        (loss, grad, tgrad), (loss2, grad2, _) = runs
+        assert loss.shape == () and loss.dtype == torch.float32
+        assert torch.equal(loss, loss2) and torch.equal(grad, grad2), "not bitwise reproducible"
+        assert torch.equal(tgrad, -grad)
+        results[reduction] = (loss, grad)
+        zr = z.double().cpu().requires_grad_(True)
+        ref = csd_loss_reference(zr, t.double().cpu(), None if labels is None else labels.cpu(),
+                                 weighting=weighting, reduction=reduction)
+        ref.backward()
+        if count == 0:
+            assert loss.item() == 0 and (grad == 0).all()
+            continue
+        rows = torch.ones(3, 5, dtype=torch.float64) if labels is None else (labels.cpu() != -100).double()
+        row_scale = rows / (count if reduction == "mean" else 1)
+        loss_tol, grad_tol = agreement_tolerances(z.cpu(), t.cpu(), None if labels is None else labels.cpu(),
+                                                  row_scale, weighting=weighting)
+        # The rows' bounds, reduced as the loss is, plus the fp32 sum's rounding.
+        tol = float((loss_tol * row_scale.reshape(-1)).sum()) + 16 * 2**-24 * abs(ref.item())
+        assert abs(loss.item() - ref.item()) <= tol, (loss.item(), ref.item(), tol)
+        assert agree(grad.cpu().reshape(grad_tol.shape), zr.grad.reshape(grad_tol.shape), grad_tol)
+        # grad_output != 1: the stored gradient times it, rounded once.
+        a = z.clone().requires_grad_(True)
+        (csd_loss(a, t, labels, weighting=weighting, reduction=reduction) * 2.5).backward()
+        assert torch.equal(a.grad, grad * 2.5)
+    mean, sum_ = results["mean"][0], results["sum"][0]
+    assert torch.equal(mean, sum_ / max(count, 1))
 
 
 def test_all_ignored_and_empty_batches(gpu):
@@ -533,6 +594,58 @@ def test_opcheck_backward(gpu):
         _, stats = torch.ops.csd_ext.csd_forward(z, t, None, "TS", 0.5, 1.0)
         grad_loss = torch.randn(5, device=gpu.device)
         torch.library.opcheck(torch.ops.csd_ext.csd_backward.default, (grad_loss, z, t, stats, "TS", 0.5, 1.0))
+
+
+def test_opcheck_loss_grad(gpu):
+    gpu.require_real("opcheck tests the CUDA registration (the CPU suite opchecks the CPU one)")
+    z, t = make_logits((6, 3001), seed=4, dtype=torch.bfloat16, device=gpu.device)
+    labels = torch.tensor([1, -100, 2, 3, -100, 4], device=gpu.device)
+    for args in ((z, t, labels, -100, "TS", 0.5, 1.0, "mean"), (z.float(), t.float(), None, -100, "SS", 0.5, 1.0,
+                                                                  "sum")):
+        torch.library.opcheck(torch.ops.csd_ext.csd_loss_grad.default, args)
+    torch.library.opcheck(torch.ops.csd_ext.csd_scale_grad_.default,
+                          (torch.randn(4, 9, device=gpu.device), torch.tensor(2.5, device=gpu.device)))
+
+
+def test_eager_step_is_cuda_graph_capturable(gpu):
+    """csd_loss's eager training step (csd_loss_grad + csd_scale_grad_: no
+    host sync, no memset; the launch counter is reset by the kernel) under
+    torch.cuda.graph after a warm-up, replayed on new inputs: the same loss
+    and gradient as eager, bitwise."""
+    gpu.require_real("CUDA graph capture")
+    z, t = make_logits((4, 6, 5003), seed=9, dtype=torch.bfloat16, device=gpu.device)
+    labels = make_labels((4, 6), seed=9, device=gpu.device)
+    zs = z.clone().requires_grad_(True)
+    ts, ys = t.clone(), labels.clone()
+
+    def step():
+        zs.grad = None
+        loss = csd_loss(zs, ts, ys, weighting="TS")
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    for seed in (10, 11):
+        z2, t2 = make_logits((4, 6, 5003), seed=seed, dtype=torch.bfloat16, device=gpu.device)
+        y2 = make_labels((4, 6), seed=seed, device=gpu.device)
+        with torch.no_grad():
+            zs.copy_(z2)
+            ts.copy_(t2)
+            ys.copy_(y2)
+        graph.replay()
+        a = z2.clone().requires_grad_(True)
+        want = csd_loss(a, t2, y2, weighting="TS")
+        want.backward()
+        torch.cuda.synchronize()
+        assert torch.equal(loss, want.detach()) and torch.equal(zs.grad, a.grad)
 
 
 def test_backward_reads_an_expanded_scalar_grad_loss(gpu):

@@ -60,10 +60,11 @@ def test_the_suite_reaches_the_emulated_kernels(gpu):
 
 
 def test_eager_training_takes_the_fused_kernel(gpu, monkeypatch):
-    """As on an sm_90 GPU: a loss whose student needs a gradient runs
-    csd_forward_grad (the fused kernel, emulated) and csd_backward_reuse_;
-    CSD_EXT_CUDA_PATH=two_pass gives the same results through the two-pass
-    kernels; forward-only calls keep the forward kernel."""
+    """As on an sm_90 GPU: a mean or sum whose student needs a gradient runs
+    csd_loss_grad (the fused kernel's single launch, emulated) and
+    csd_scale_grad_; reduction="none" runs csd_forward_grad and
+    csd_backward_reuse_; CSD_EXT_CUDA_PATH=two_pass gives the same results
+    through the two-pass kernels; forward-only calls keep the forward kernel."""
     import torch
 
     from csd_ext import csd_loss
@@ -77,9 +78,15 @@ def test_eager_training_takes_the_fused_kernel(gpu, monkeypatch):
     zf = z.clone().requires_grad_(True)
     loss = csd_loss(zf, t, labels, weighting="TS")
     loss.backward()
+    assert gpu.calls.get("loss_grad", 0) == before.get("loss_grad", 0) + 1
+    assert gpu.calls.get("scale_grad_", 0) == before.get("scale_grad_", 0) + 1
+    assert gpu.calls.get("forward_grad", 0) == before.get("forward_grad", 0)
+    assert gpu.calls.get("forward", 0) == before.get("forward", 0)
+    zn = z.clone().requires_grad_(True)
+    csd_loss(zn, t, labels, weighting="TS", reduction="none").sum().backward()
     assert gpu.calls.get("forward_grad", 0) == before.get("forward_grad", 0) + 1
     assert gpu.calls.get("backward_reuse_", 0) == before.get("backward_reuse_", 0) + 1
-    assert gpu.calls.get("forward", 0) == before.get("forward", 0)
+    torch.testing.assert_close(zn.grad.float(), zf.grad.float() * 3, rtol=2e-2, atol=1e-6)  # mean over 3 rows
     monkeypatch.setenv("CSD_EXT_CUDA_PATH", "two_pass")
     z2 = z.clone().requires_grad_(True)
     loss2 = csd_loss(z2, t, labels, weighting="TS")

@@ -42,7 +42,7 @@ void launch_one(const T* z, const T* t, T* g, const FusedArgs& args, const Fused
 bool launch_fused_forward_grad(const at::Tensor& student, const at::Tensor& teacher,
                                const bool* row_mask, const LossConfig& cfg, double grad_scale,
                                const at::Tensor& scale, at::Tensor& loss, at::Tensor& stats,
-                               at::Tensor& grad) {
+                               at::Tensor& grad, const FusedReduction* reduce) {
   const auto type = student.scalar_type();
   if (type != teacher.scalar_type() || !(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf)) {
     return false;
@@ -57,11 +57,13 @@ bool launch_fused_forward_grad(const at::Tensor& student, const at::Tensor& teac
       plan_fused(rows, vocab, int(student.element_size()), prop->multiProcessorCount,
                  size_t(prop->sharedMemPerBlockOptin), size_t(prop->sharedMemPerMultiprocessor));
   if (!plan.fits || plan.blocks > INT_MAX) return false;
+  // The in-kernel count is a float sum of ones: exact below 2^24 rows.
+  if (reduce != nullptr && rows >= (int64_t(1) << 24)) return false;
 
   const FusedArgs a = fused_args(rows, vocab, student.stride(0), teacher.stride(0), plan, row_mask,
                                  loss.mutable_data_ptr<float>(), stats.mutable_data_ptr<float>(), cfg.w1, cfg.w2,
                                  cfg.inv_temperature, grad_scale,
-                                 scale.defined() ? scale.const_data_ptr<float>() : nullptr);
+                                 scale.defined() ? scale.const_data_ptr<float>() : nullptr, reduce);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "csd_forward_grad_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
@@ -96,6 +98,25 @@ void launch_backward_reuse(const at::Tensor& grad_loss, const at::Tensor& studen
               scale.defined() ? scale.const_data_ptr<acc_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+  });
+}
+
+void launch_scale_grad(at::Tensor& grad, const at::Tensor& scale) {
+  const int64_t n = grad.numel();
+  if (n == 0) return;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t want = (n + kThreads - 1) / kThreads;
+  const unsigned blocks = static_cast<unsigned>(want < sms * 8 ? want : sms * 8);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "csd_scale_grad_cuda", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      csd_scale_grad_kernel<scalar_t, double><<<blocks, kThreads, 0, stream>>>(
+          grad.mutable_data_ptr<scalar_t>(), n, scale.const_data_ptr<double>());
+    } else {
+      csd_scale_grad_kernel<scalar_t, float><<<blocks, kThreads, 0, stream>>>(
+          grad.mutable_data_ptr<scalar_t>(), n, scale.const_data_ptr<float>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

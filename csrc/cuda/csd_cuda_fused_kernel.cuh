@@ -26,6 +26,23 @@
 // A thread whose vectors hold no -inf (the usual case) runs steps 2 and 3
 // without the per-element masking selects (the fast path).
 //
+// csd_loss_grad (a reduced loss, FusedArgs::total set) does the whole call
+// in this one launch, with nothing before or after it:
+//   rows    a row counts where labels[row] != ignore_index, read here (no
+//           mask tensor is built);
+//   count   for a mean over labels, the gradient scale 1/count is needed in
+//           step 3 of every row: each cluster counts the labels itself,
+//           rank r of C the r-th slice (issued right after the fill, so the
+//           L2 reads overlap the copies), and the C partials meet through
+//           distributed shared memory after reduction 1 -- an integer sum,
+//           exact in any order;
+//   total   each CTA takes a ticket (atomicAdd after __threadfence) when it
+//           is done; the last one sums the per-row losses in a fixed order
+//           (strided per thread, then CUB's fixed tree: bitwise the same run
+//           to run), divides a mean by max(count, 1), writes the scalar and
+//           resets the ticket to 0 for the next launch (no memset launch; see
+//           csd_cuda_ticket.h for which launches share a counter).
+//
 // A cluster reduction: cub::BlockReduce in each block, thread 0 writes the
 // block's partial to a shared slot, cluster_sync(), then every thread of
 // every block folds the C slots in rank order through distributed shared
@@ -72,7 +89,21 @@ struct FusedArgs {
   float inv_temp;
   float half_scale;          // 1/2 * grad_scale: the gradient is for grad_loss = grad_scale
   const float* grad_scale;   // or, when not null, grad_scale read on the device (no host sync)
+  // csd_loss_grad only (total != nullptr); see the top of the file.
+  const int64_t* labels;     // nullptr: every row counts (or row_mask decides)
+  int64_t ignore_index;
+  bool mean;                 // "mean" (else "sum")
+  bool count_on_device;      // a mean over labels: the count, hence the scale, is computed here
+  float* total;              // the reduced loss (one float), or nullptr: no reduction
+  unsigned* ticket;          // zero before the launch; the last CTA resets it
 };
+
+// Whether `row` counts: the row mask of csd_forward_grad, or csd_loss_grad's labels.
+CSD_HD bool fused_row_counts(const FusedArgs& a, int64_t row) {
+  if (a.row_mask != nullptr) return a.row_mask[row];
+  if (a.labels != nullptr) return a.labels[row] != a.ignore_index;
+  return true;
+}
 
 constexpr int kFusedNV = 6;
 struct FusedVals {
@@ -95,8 +126,49 @@ struct FusedMax {
   }
 };
 static_assert(3 * sizeof(FusedVals) <= kFusedSlotBytes, "three reduction slots");
-
+// After them, the block's partial label count (csd_loss_grad's mean).
+constexpr int kFusedCountSlot = 3 * int(sizeof(FusedVals));
+static_assert(kFusedCountSlot + int(sizeof(int)) <= kFusedSlotBytes, "the count slot");
+struct FusedIntAdd {
+  CSD_HD int operator()(int a, int b) const { return a + b; }
+};
+using FusedCountReduce = cub::BlockReduce<int, kFusedThreads>;
 using FusedBlockReduce = cub::BlockReduce<FusedVals, kFusedThreads>;
+
+// A read of another CTA's result in L2 (ld.global.cg: not a stale L1 line).
+CSD_HD float load_from_l2(const float* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcg(p);
+#else
+  return *p;
+#endif
+}
+
+// csd_loss_grad's end of every CTA (the top of the file): a ticket, and the
+// last CTA's reduction of the per-row losses.  Thread 0 wrote this CTA's row
+// loss, if any, so its fence orders that store before its ticket.
+__device__ __forceinline__ void fused_reduce_rows(const FusedArgs& a,
+                                                  typename FusedBlockReduce::TempStorage& tmp) {
+  __shared__ unsigned is_last;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    is_last = atomicAdd(a.ticket, 1u) == gridDim.x - 1u ? 1u : 0u;
+  }
+  __syncthreads();
+  if (is_last == 0u) return;
+  __threadfence();  // every other CTA's row loss, fenced before its ticket, is visible now
+  float sum = 0.f, count = 0.f;  // count: an exact integer (rows < 2^24)
+  for (int64_t r = threadIdx.x; r < a.rows; r += kFusedThreads) {
+    sum += load_from_l2(a.loss + r);
+    count += fused_row_counts(a, r) ? 1.f : 0.f;
+  }
+  FusedVals v{{sum, count, 0.f, 0.f, 0.f, 0.f}};
+  v = FusedBlockReduce(tmp).Reduce(v, FusedAdd{});
+  if (threadIdx.x == 0) {
+    *a.total = reduce_total(a.mean, v.v[0], v.v[1]);
+    *a.ticket = 0u;  // ready for the next launch that uses this counter
+  }
+}
 
 // Reduction over the block, then over the cluster through distributed
 // shared memory (see the top of the file).  Every thread returns the result.
@@ -265,6 +337,7 @@ __device__ __forceinline__ void fused_row(const T* __restrict__ student, const T
   constexpr bool kPackedBf16 = IsBFloat16<T>::value;
   using L = Lanes<T, W>;
   __shared__ typename FusedBlockReduce::TempStorage tmp;
+  __shared__ typename FusedCountReduce::TempStorage count_tmp;
 
   unsigned char* smem = dynamic_smem();
   FusedVals* slots = reinterpret_cast<FusedVals*>(smem);
@@ -279,13 +352,14 @@ __device__ __forceinline__ void fused_row(const T* __restrict__ student, const T
   const int n = begin >= a.vocab ? 0 : int(a.vocab - begin < a.seg_len ? a.vocab - begin : a.seg_len);
   T* g = grad + row * a.vocab + begin;
 
-  if (a.row_mask != nullptr && !a.row_mask[row]) {
+  if (!fused_row_counts(a, row)) {
     // Ignored token (the whole cluster takes this exit): no reads, zero gradient.
     for (int j = tid; j < n; j += kFusedThreads) g[j] = T(0.f);
     if (rank == 0 && tid == 0) {
       const RowResult<float> none{0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       store_row_result(none, false, a.loss + row, a.stats + row * kNumStats);
     }
+    if (a.total != nullptr) fused_reduce_rows(a, tmp);
     return;
   }
 
@@ -324,6 +398,16 @@ __device__ __forceinline__ void fused_row(const T* __restrict__ student, const T
       }
     }
     cp_async_commit();
+  }
+
+  // A mean over labels: this rank's slice of the count, while the copies fly.
+  int* count_slot = reinterpret_cast<int*>(smem + kFusedCountSlot);
+  if (a.count_on_device) {
+    const int64_t r0 = a.rows * rank / csize, r1 = a.rows * (rank + 1) / csize;
+    int mine = 0;
+    for (int64_t r = r0 + tid; r < r1; r += kFusedThreads) mine += a.labels[r] != a.ignore_index ? 1 : 0;
+    mine = FusedCountReduce(count_tmp).Reduce(mine, FusedIntAdd{});
+    if (tid == 0) *count_slot = mine;  // read by the cluster after reduction 1's cluster_sync
   }
 
   const Needs need = variant_needs<kBases>(a.need);
@@ -429,7 +513,12 @@ __device__ __forceinline__ void fused_row(const T* __restrict__ student, const T
   const Moments<float> mu = fused_moments(need.u, 0.f, count, r.mean_u, 0.f);
   // The means do not depend on the second moments: E_w1 d, E_w2 d now.
   const RowResult<float> means = finalize_row(ms, mt, mu, a.w1, a.w2);
-  const float half_scale = a.grad_scale != nullptr ? 0.5f * *a.grad_scale : a.half_scale;
+  float half_scale = a.grad_scale != nullptr ? 0.5f * *a.grad_scale : a.half_scale;
+  if (a.count_on_device) {
+    int count_rows = 0;
+    for (unsigned q = 0; q < csize; ++q) count_rows += *cluster_map(count_slot, q);
+    half_scale = 0.5f * reduction_grad_scale(true, float(count_rows));
+  }
   r.coeffs = grad_coeffs(a.w1, a.w2, means.mean1, means.mean2, means.inv_count, half_scale);
 
   // Step 3: the gradient (written once) and the centred second moments.
@@ -469,13 +558,15 @@ __device__ __forceinline__ void fused_row(const T* __restrict__ student, const T
   }
   // No block leaves while a peer may still read its slots.
   if (csize > 1) cluster_sync();
+  if (a.total != nullptr) fused_reduce_rows(a, tmp);
 }
 
-// The fused kernel's arguments, from the plan and the op's arguments.
+// The fused kernel's arguments, from the plan and the op's arguments; with
+// `reduce`, csd_loss_grad's (grad_scale is then the reduction's own).
 inline FusedArgs fused_args(int64_t rows, int64_t vocab, int64_t zstride, int64_t tstride, const FusedPlan& plan,
                             const bool* row_mask, float* loss, float* stats, const Mixture<double>& w1,
                             const Mixture<double>& w2, double inv_temperature, double grad_scale,
-                            const float* grad_scale_on_device = nullptr) {
+                            const float* grad_scale_on_device = nullptr, const FusedReduction* reduce = nullptr) {
   FusedArgs a{};
   a.rows = rows;
   a.vocab = vocab;
@@ -492,6 +583,17 @@ inline FusedArgs fused_args(int64_t rows, int64_t vocab, int64_t zstride, int64_
   a.inv_temp = float(inv_temperature);
   a.half_scale = float(0.5 * grad_scale);
   a.grad_scale = grad_scale_on_device;
+  if (reduce != nullptr) {
+    a.labels = reduce->labels;
+    a.ignore_index = reduce->ignore_index;
+    a.mean = reduce->mean;
+    a.total = reduce->total;
+    a.ticket = reduce->ticket;
+    a.count_on_device = reduce->mean && reduce->labels != nullptr;
+    // Without labels the count is the row count, known here.
+    a.half_scale = 0.5f * reduction_grad_scale(reduce->mean, float(rows));
+    a.grad_scale = nullptr;
+  }
   return a;
 }
 
@@ -535,6 +637,20 @@ __global__ void __launch_bounds__(kThreads)
   gm.coeffs = grad_coeffs_of_row(a.w1, a.w2, st, half_scale);  // 1/sum_s, 1/sum_t folded in
   grad_segment<kBases>(grad + row * a.vocab + begin, student + row * a.zstride + begin,
                        teacher + row * a.tstride + begin, n, lane, a.group, gm);
+}
+
+// csd_scale_grad_: g *= *scale, unless *scale is exactly 1 (every thread
+// reads the scalar and returns: nothing else read).  Grid-stride; the
+// product is rounded once to T (S is float, or double for a double T).
+template <typename T, typename S>
+__global__ void __launch_bounds__(kThreads)
+    csd_scale_grad_kernel(T* __restrict__ grad, int64_t n, const S* __restrict__ scale) {
+  const S s = *scale;
+  if (s == S(1)) return;
+  const int64_t stride = int64_t(gridDim.x) * kThreads;
+  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
+    grad[i] = static_cast<T>(static_cast<S>(grad[i]) * s);
+  }
 }
 
 }  // namespace gpu

@@ -11,6 +11,16 @@
 // The fused path is taken where it applies (csd_cuda_fused_launch.h), unless
 // the environment variable CSD_EXT_CUDA_PATH=two_pass asks for the two-pass
 // kernels (for A/B timing on one GPU).  Nothing is synchronised with the host.
+//
+// csd_loss_grad (csd_loss's eager training path for "mean" and "sum"): on the
+// fused path ONE launch and nothing else -- the kernel reads the labels,
+// counts them for a mean, writes the gradient and reduces the per-row losses
+// to the scalar (its outputs are at::empty: allocations, no launches).
+// Elsewhere (two_pass, fp64, mixed dtypes, rows the fused kernel does not
+// take) it composes the other launches: labels != ignore_index, the mean's
+// scale, csd_forward_grad's kernels, the sum and the division.
+// csd_scale_grad_, its backward, is one launch (skipped on the device for a
+// grad_output of 1).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -24,6 +34,8 @@
 #include "csd_cuda_fused_launch.h"
 #include "csd_cuda_launch.h"
 #include "csd_cuda_rows.h"
+#include "csd_cuda_ticket.h"
+#include "csd_cuda_fused_plan.h"
 
 namespace csd {
 namespace gpu {
@@ -138,11 +150,83 @@ void csd_backward_reuse_scaled_cuda(const at::Tensor& grad_loss, const at::Tenso
                       grad_scale);
 }
 
+std::tuple<at::Tensor, at::Tensor> csd_loss_grad_cuda(const at::Tensor& student_in, const at::Tensor& teacher_in,
+                                                      const std::optional<at::Tensor>& labels_in,
+                                                      int64_t ignore_index, c10::string_view weighting,
+                                                      double alpha, double temperature,
+                                                      c10::string_view reduction) {
+  check_logits(student_in, teacher_in);
+  check_labels(labels_in, student_in);
+  const bool mean = reduction_is_mean(reduction);
+  TORCH_CHECK_VALUE(student_in.size(1) < kMaxVocab,
+                    "csd_ext's CUDA kernels index within a row with 32-bit integers; the "
+                    "vocabulary size must be < 2^30, got ", student_in.size(1));
+  const LossConfig cfg = make_config(std::string(weighting), alpha, temperature);
+  const c10::cuda::CUDAGuard guard(student_in.device());
+  const at::Tensor student = contiguous_rows(student_in);
+  const at::Tensor teacher = contiguous_rows(teacher_in);
+  const auto acc = accumulate_type_of(student, teacher);
+  const int64_t rows = student.size(0);
+  // int64 labels, contiguous: no copy for the usual tensor.
+  at::Tensor labels;
+  if (labels_in.has_value()) labels = labels_in->to(at::kLong).contiguous();
+  if (rows > 0 && fused_path_requested()) {
+    at::Tensor per_row = at::empty({rows}, student.options().dtype(acc));
+    at::Tensor stats = at::empty({rows, kNumStats}, student.options().dtype(acc));
+    at::Tensor grad = at::empty(student.sizes(), student.options());
+    at::Tensor total = at::empty({}, student.options().dtype(acc));
+    FusedReduction reduce;
+    reduce.labels = labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr;
+    reduce.ignore_index = ignore_index;
+    reduce.mean = mean;
+    if (acc == at::kFloat) {
+      reduce.total = total.mutable_data_ptr<float>();
+      reduce.ticket = launch_ticket(at::cuda::getCurrentCUDAStream());
+      if (launch_fused_forward_grad(student, teacher, nullptr, cfg, 1.0, at::Tensor(), per_row, stats, grad,
+                                    &reduce)) {
+        return {total, grad};
+      }
+    }
+  }
+  // The composed path: several launches (see the top of the file).
+  std::optional<at::Tensor> row_mask;
+  if (labels.defined()) row_mask = labels.ne(ignore_index);
+  std::optional<at::Tensor> scale;
+  at::Tensor divisor;
+  if (mean) {
+    divisor = row_mask.has_value() ? row_mask->sum().clamp_min(1)
+                                   : at::full({}, rows > 1 ? rows : 1, student.options().dtype(at::kLong));
+    scale = at::ones({}, student.options().dtype(acc)).div(divisor).to(acc);
+  }
+  auto [per_row, stats, grad] =
+      forward_grad_impl(student, teacher, row_mask, weighting, alpha, temperature, 1.0, scale);
+  at::Tensor loss = per_row.sum();
+  if (mean) loss = loss.div(divisor);
+  return {loss, grad};
+}
+
+void csd_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
+  TORCH_CHECK_VALUE(grad_output.numel() == 1, "grad_output must be a one-element tensor, got shape ",
+                    grad_output.sizes());
+  TORCH_CHECK_VALUE(grad_output.device() == grad.device(), "grad_output is on ", grad_output.device(),
+                    " but grad_student is on ", grad.device());
+  TORCH_CHECK_VALUE(grad.is_contiguous(), "grad_student must be contiguous (the tensor csd_loss_grad returned)");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  // The scalar in the kernel's arithmetic type: no copy when autograd hands
+  // over the float32 (float64) loss's gradient.
+  const auto s_type = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor scale = grad_output.reshape({1}).to(s_type).contiguous();
+  at::Tensor out = grad;  // in place
+  launch_scale_grad(out, scale);
+}
+
 }  // namespace
 }  // namespace gpu
 }  // namespace csd
 
 TORCH_LIBRARY_IMPL(csd_ext, CUDA, m) {
+  m.impl("csd_loss_grad", &csd::gpu::csd_loss_grad_cuda);
+  m.impl("csd_scale_grad_", &csd::gpu::csd_scale_grad_cuda);
   m.impl("csd_forward_grad", &csd::gpu::csd_forward_grad_cuda);
   m.impl("csd_backward_reuse_", &csd::gpu::csd_backward_reuse_cuda);
   m.impl("csd_forward_grad_scaled", &csd::gpu::csd_forward_grad_scaled_cuda);

@@ -54,6 +54,16 @@ inline bool fused_alignment_ok(const void* z, const void* t, int64_t zstride, in
   return zp % 16 == tp % 16 && ((zstride - tstride) * elem_bytes) % 16 == 0;
 }
 
+// csd_loss_grad's part of the fused kernel's arguments (FusedArgs::total and
+// what goes with it; csd_cuda_fused_kernel.cuh).
+struct FusedReduction {
+  const int64_t* labels = nullptr;  // [rows] or nullptr: every row counts
+  int64_t ignore_index = -100;
+  bool mean = true;                 // "mean", else "sum"
+  float* total = nullptr;           // the reduced loss: one float
+  unsigned* ticket = nullptr;       // a zeroed counter (csd_cuda_ticket.h)
+};
+
 inline int64_t fused_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // elem_bytes: bytes per logit (2 for bf16/fp16, 4 for fp32), the same for

@@ -30,6 +30,7 @@
 //   emu::cluster_sync()                               barrier.cluster.arrive.release + wait.acquire
 //   emu::cluster_map<T>(T* smem_ptr, unsigned rank)   mapa: the same variable in CTA `rank` of the cluster
 //   cub::WarpReduce<T, 32>, cub::BlockReduce<T, N>    ::Reduce(input, op) only
+//   atomicAdd(unsigned* / int*, v), __threadfence()   logical semantics (one fiber runs at a time)
 //   CSD_CHECK_VECTOR_ALIGNMENT(ptr, bytes)            (used by csd_cuda_rows.h's vector loads and stores)
 //
 // How it runs
@@ -872,6 +873,16 @@ inline float ex2_approx_model(float a) {
 
 inline void __syncthreads() { ::emu::syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::emu::syncwarp(); }
+// Device-scope atomics and fences, with their logical semantics: one fiber
+// of the launch runs at a time, so an atomic read-modify-write is never torn
+// and every store is visible to the next fiber (the hand-over between host
+// threads orders memory); the fence is a sequentially consistent one.  What
+// a weaker GPU memory model could reorder is not emulated (see the top).
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST);
+}
+inline int atomicAdd(int* address, int value) { return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 #define CSD_EX2_APPROX_MODEL ::emu::ex2_approx_model
 

@@ -48,6 +48,45 @@ bool emulated_fused_forward_grad(const T* z, int64_t zstride, const T* t, int64_
   return true;
 }
 
+// As launch_fused_forward_grad with a FusedReduction (csd_loss_grad's one
+// launch): labels (or nullptr), the mean's count, the gradient, the per-row
+// losses and the reduced loss in `total`, with `ticket` as the launch's
+// counter (zero before; the kernel's last CTA resets it).
+template <typename T>
+bool emulated_fused_loss_grad(const T* z, int64_t zstride, const T* t, int64_t tstride, int64_t rows,
+                              int64_t vocab, const int64_t* labels, int64_t ignore_index, bool mean,
+                              const Mixture<double>& w1, const Mixture<double>& w2, double inv_temp, float* loss,
+                              float* stats, T* grad, float* total, unsigned* ticket, int sms,
+                              const EmulatedSmem& smem = {}, FusedPlan* used = nullptr) {
+  if (!fused_alignment_ok(z, t, zstride, tstride, int(sizeof(T)))) return false;
+  const FusedPlan plan =
+      plan_fused(rows, vocab, int(sizeof(T)), sms, smem.per_block, smem.per_sm, smem.min_cluster);
+  if (!plan.fits || rows >= (int64_t(1) << 24)) return false;
+  if (used != nullptr) *used = plan;
+  FusedReduction reduce;
+  reduce.labels = labels;
+  reduce.ignore_index = ignore_index;
+  reduce.mean = mean;
+  reduce.total = total;
+  reduce.ticket = ticket;
+  const FusedArgs a =
+      fused_args(rows, vocab, zstride, tstride, plan, nullptr, loss, stats, w1, w2, inv_temp, 1.0, nullptr, &reduce);
+  with_variant<T, T, float>(a.need, [&](auto variant) {
+    emu::launch_cluster(plan.blocks, kFusedThreads, plan.cluster, plan.smem_bytes,
+                        csd_fused_kernel<T, decltype(variant)::value>, z, t, grad, a);
+  });
+  return true;
+}
+
+// As launch_scale_grad (csd_scale_grad_).
+template <typename T, typename S>
+void emulated_scale_grad(T* grad, int64_t n, const S* scale, int sms) {
+  if (n == 0) return;
+  const int64_t want = (n + kThreads - 1) / kThreads;
+  emu::launch(want < int64_t(sms) * 8 ? want : int64_t(sms) * 8, kThreads, csd_scale_grad_kernel<T, S>, grad, n,
+              scale);
+}
+
 // As launch_backward_reuse: rows whose grad_loss is not grad_scale are
 // recomputed in place.
 template <typename zs_t, typename ts_t, typename acc_t>

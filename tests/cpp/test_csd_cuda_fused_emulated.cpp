@@ -9,6 +9,12 @@
 // masked row), ignored rows, rows that start off 16-byte alignment, a
 // gradient whose alignment differs from the inputs', each variant (SS; TS,
 // MM; US; the general one), temperature, and csd_backward_reuse_.
+// And csd_loss_grad's single launch (labels read in the kernel, the mean's
+// count per cluster, the ticket and the last CTA's reduction): labels with
+// ignored rows, every row ignored, sum against mean, bitwise-identical
+// results run to run (blocks start in a different random order each
+// launch, so a different CTA is last), the gradient against float64, and
+// csd_scale_grad_.
 //
 // Built a second time with CSD_PLANTED_BUG_CLUSTER_REDUCE (the cluster
 // reduction drops the last block's partial): that build passes only if the
@@ -20,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -283,6 +290,157 @@ TEST_CASE(grad_scale_read_on_the_device) {
   emulated_backward_reuse(gb.data(), z.data(), vocab, t.data(), vocab, rows, vocab, grad_loss.data(), 1,
                           stats_b.data(), tm, s, 1.0, 99.0, &on_device);
   for (size_t i = 0; i < ga.size(); ++i) REQUIRE(ga[i].bits == gb[i].bits);
+}
+
+// One csd_loss_grad launch as the real launcher makes it; the ticket must
+// be back at 0 afterwards.
+template <typename T>
+struct LossRun {
+  float total = -1.f;
+  std::vector<T> grad;
+};
+
+template <typename T>
+LossRun<T> loss_launch(const std::vector<T>& z, const std::vector<T>& t, int rows, int vocab,
+                       const std::vector<int64_t>* labels, bool mean, const Mixture<double>& w1,
+                       const Mixture<double>& w2, double inv_temp, int min_cluster, const std::string& what) {
+  LossRun<T> out;
+  out.grad.assign(z.size(), T(-7.f));
+  std::vector<float> loss(size_t(rows), -1.f), stats(size_t(rows) * kNumStats, -1.f);
+  unsigned ticket = 0u;
+  EmulatedSmem smem;
+  smem.min_cluster = min_cluster;
+  const bool ran = emulated_fused_loss_grad(z.data(), vocab, t.data(), vocab, rows, vocab,
+                                            labels != nullptr ? labels->data() : nullptr, -100, mean, w1, w2,
+                                            inv_temp, loss.data(), stats.data(), out.grad.data(), &out.total,
+                                            &ticket, kSms, smem);
+  if (!ran) check::fail(__FILE__, __LINE__, what + ": the fused kernel did not run");
+  if (ticket != 0u) check::fail(__FILE__, __LINE__, what + ": ticket left at " + std::to_string(ticket));
+  return out;
+}
+
+// ignore: 0 no row ignored, 1 every third row, 2 every row.
+template <typename T>
+void run_loss_case(int rows, int vocab, const char* w, int min_cluster, bool with_labels, int ignore,
+                   const char* type) {
+  std::vector<T> z(size_t(rows) * vocab), t(size_t(rows) * vocab);
+  std::mt19937 rng(uint32_t(rows * 31 + vocab));
+  std::normal_distribution<float> normal(0.f, 2.f);
+  std::vector<std::vector<double>> zd(static_cast<size_t>(rows)), td(static_cast<size_t>(rows));
+  for (int r = 0; r < rows; ++r) {
+    for (int k = 0; k < vocab; ++k) {
+      const T zv = T(normal(rng) + 0.5f), tv = T(normal(rng));
+      z[size_t(r) * vocab + k] = zv;
+      t[size_t(r) * vocab + k] = tv;
+      zd[size_t(r)].push_back(double(float(zv)));
+      td[size_t(r)].push_back(double(float(tv)));
+    }
+  }
+  std::vector<int64_t> labels(static_cast<size_t>(rows));
+  int count = 0;
+  for (int r = 0; r < rows; ++r) {
+    const bool ignored = with_labels && (ignore == 2 || (ignore == 1 && r % 3 == 1));
+    labels[size_t(r)] = ignored ? -100 : int64_t(r % 5);  // label values other than ignore_index do not matter
+    count += ignored ? 0 : 1;
+  }
+  const Mixture<double> w1 = mixture_of<double>(w[0], 0.3), w2 = mixture_of<double>(w[1], 0.3);
+  const double inv_temp = 1.0 / 1.3;
+  const std::vector<int64_t>* lp = with_labels ? &labels : nullptr;
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "loss_grad %s %dx%d %s min_cluster=%d labels=%d ignore=%d", type, rows, vocab, w,
+                min_cluster, int(with_labels), ignore);
+  const std::string what = buf;
+  const double eps = eps_of<T>();
+  for (const bool mean : {true, false}) {
+    const std::string wm = what + (mean ? " mean" : " sum");
+    const LossRun<T> a = loss_launch(z, t, rows, vocab, lp, mean, w1, w2, inv_temp, min_cluster, wm);
+    const LossRun<T> b = loss_launch(z, t, rows, vocab, lp, mean, w1, w2, inv_temp, min_cluster, wm);
+    // Bitwise the same run to run, whichever CTA finished last.
+    uint32_t ta, tb;
+    std::memcpy(&ta, &a.total, 4);
+    std::memcpy(&tb, &b.total, 4);
+    if (ta != tb) check::fail(__FILE__, __LINE__, wm + ": " + check::pair_text("total", a.total, "rerun", b.total));
+    for (size_t i = 0; i < a.grad.size(); ++i) {
+      if (std::memcmp(&a.grad[i], &b.grad[i], sizeof(T)) != 0) {
+        check::fail(__FILE__, __LINE__, wm + ": the gradient differs between two runs at " + std::to_string(i));
+        break;
+      }
+    }
+    // Against float64: each counted row's loss and its gradient for a
+    // backward of 1.0 through the reduction (1/max(count, 1) or 1).
+    const double scale = mean ? 1.0 / std::max(count, 1) : 1.0;
+    double ref_total = 0;
+    for (int r = 0; r < rows; ++r) {
+      const bool counted = labels[size_t(r)] != -100;
+      RefRow ref = counted ? reference_row(zd[size_t(r)], td[size_t(r)], w[0], w[1], 0.3, inv_temp, scale)
+                           : RefRow{0.0, std::vector<double>(size_t(vocab), 0.0)};
+      ref_total += ref.loss;
+      double gmax = 0;
+      for (double g : ref.grad) gmax = std::max(gmax, std::abs(g));
+      for (int k = 0; k < vocab; ++k) {
+        const double got = double(float(a.grad[size_t(r) * vocab + k])), want = ref.grad[size_t(k)];
+        const bool ok = counted ? std::abs(got - want) <= 2e-4 * gmax + 1e-9 + 2 * eps * std::abs(want)
+                                : got == 0.0 && !std::signbit(got);
+        if (!ok) {
+          check::fail(__FILE__, __LINE__, wm + ": row " + std::to_string(r) + " entry " + std::to_string(k) + " " +
+                                              check::pair_text("grad", got, "reference", want));
+          return;
+        }
+      }
+    }
+    if (mean) ref_total /= std::max(count, 1);
+    if (count == 0) {
+      CHECK(a.total == 0.f);  // no counted row: exactly 0, as is the gradient (checked above)
+    } else if (!(std::abs(double(a.total) - ref_total) <= 2e-4 * std::abs(ref_total) + 1e-7)) {
+      check::fail(__FILE__, __LINE__, wm + ": " + check::pair_text("total", a.total, "reference", ref_total));
+    }
+  }
+  // Sum against mean: the same per-row losses summed in the same order, so
+  // the mean is the sum divided by max(count, 1), to the bit; and the mean's
+  // gradient is the sum's scaled by 1/count (one rounding each).
+  const LossRun<T> m = loss_launch(z, t, rows, vocab, lp, true, w1, w2, inv_temp, min_cluster, what);
+  const LossRun<T> s = loss_launch(z, t, rows, vocab, lp, false, w1, w2, inv_temp, min_cluster, what);
+  CHECK(m.total == s.total / float(std::max(count, 1)));
+  double smax = 0;  // entries that cancel round differently: bound those by the largest
+  for (const T& x : s.grad) smax = std::max(smax, std::abs(double(float(x))) / std::max(count, 1));
+  for (size_t i = 0; i < m.grad.size(); ++i) {
+    const double gm = double(float(m.grad[i])), gs = double(float(s.grad[i])) / std::max(count, 1);
+    if (!(std::abs(gm - gs) <= 4 * eps * std::abs(gs) + 1e-4 * smax)) {
+      check::fail(__FILE__, __LINE__, what + ": " + check::pair_text("mean grad", gm, "sum grad / count", gs));
+      break;
+    }
+  }
+  // csd_scale_grad_: a grad_output of 1 leaves every bit; 2.5 scales each
+  // entry with one rounding.
+  std::vector<T> g = s.grad;
+  const float one = 1.f, two_and_half = 2.5f;
+  emulated_scale_grad(g.data(), int64_t(g.size()), &one, kSms);
+  CHECK(std::memcmp(g.data(), s.grad.data(), g.size() * sizeof(T)) == 0);
+  emulated_scale_grad(g.data(), int64_t(g.size()), &two_and_half, kSms);
+  for (size_t i = 0; i < g.size(); ++i) {
+    const T want = T(float(s.grad[i]) * 2.5f);
+    if (std::memcmp(&g[i], &want, sizeof(T)) != 0) {
+      check::fail(__FILE__, __LINE__, what + ": scale_grad entry " + std::to_string(i));
+      break;
+    }
+  }
+}
+
+TEST_CASE(one_launch_loss_with_labels) {
+  run_loss_case<Bf16>(7, 1000, "SS", 1, true, 1, "bf16");
+  run_loss_case<float>(7, 999, "TS", 1, true, 1, "fp32");
+  run_loss_case<Bf16>(5, 2000, "MM", 4, true, 1, "bf16");  // clusters of 4: the count in 4 slices
+  run_loss_case<float>(3, 700, "US", 8, true, 0, "fp32");  // clusters of 8 over 3 rows: empty slices
+}
+
+TEST_CASE(one_launch_loss_without_labels) {
+  run_loss_case<Bf16>(6, 1500, "SS", 1, false, 0, "bf16");
+  run_loss_case<float>(4, 800, "TS", 2, false, 0, "fp32");
+}
+
+TEST_CASE(one_launch_loss_every_row_ignored) {
+  run_loss_case<Bf16>(4, 1000, "SS", 1, true, 2, "bf16");
+  run_loss_case<float>(3, 500, "TS", 4, true, 2, "fp32");
 }
 
 }  // namespace

@@ -505,4 +505,20 @@ TEST_CASE(ss_gradient_is_reverse_kl_gradient) {
   }
 }
 
+// csd_loss_grad's reduction (the CPU op and the fused CUDA kernel share it):
+// a mean divides by max(count, 1), so no counted row gives 0, not NaN; its
+// gradient scale is 1/max(count, 1) rounded once; a sum is untouched.
+TEST_CASE(reduction_divisor_scale_and_total) {
+  CHECK(csd::reduction_divisor(true, 0.f) == 1.f);
+  CHECK(csd::reduction_divisor(true, 7.f) == 7.f);
+  CHECK(csd::reduction_divisor(false, 7.f) == 1.f);
+  CHECK(csd::reduction_grad_scale(true, 0.f) == 1.f);
+  CHECK(csd::reduction_grad_scale(true, 3.f) == 1.f / 3.f);
+  CHECK(csd::reduction_grad_scale(true, 3.0) == 1.0 / 3.0);
+  CHECK(csd::reduction_grad_scale(false, 3.f) == 1.f);
+  CHECK(csd::reduce_total(true, 0.f, 0.f) == 0.f);
+  CHECK(csd::reduce_total(true, 5.f, 3.f) == 5.f / 3.f);
+  CHECK(csd::reduce_total(false, 5.f, 3.f) == 5.f);
+}
+
 int main() { return check::run_all(); }

@@ -15,6 +15,13 @@
 //                                 alpha, temperature, grad_scale, scale?) -> ()
 //       as csd_ext::csd_backward_reuse_; with `scale` (a one-element tensor, read
 //       by the kernels) as the *_scaled ops
+//   csd_emulated::loss_grad(student, teacher, labels?, ignore_index, weighting, alpha, temperature,
+//                           reduction, sm_count) -> (loss, grad_student)
+//       as csd_ext::csd_loss_grad on an sm_90 GPU: the fused kernel's single
+//       launch (labels, count, gradient, ticket, reduced loss) where it
+//       applies, else the composed path (forward_grad above, then the sum)
+//   csd_emulated::scale_grad_(grad(a!), grad_output) -> ()
+//       as csd_ext::csd_scale_grad_ (its kernel, emulated)
 //
 // python_tests/emulated_gpu.py builds this file (with csrc/csd_ops.cpp, for
 // the argument checks, under CSD_OPS_CHECKS_ONLY) with
@@ -166,6 +173,84 @@ void emulated_backward_reuse_op(const at::Tensor& grad_loss_in, const at::Tensor
   });
 }
 
+// As csd_cuda_fused_ops.cpp's csd_loss_grad_cuda.
+std::tuple<at::Tensor, at::Tensor> emulated_loss_grad_op(const at::Tensor& student_in, const at::Tensor& teacher_in,
+                                                         const std::optional<at::Tensor>& labels_in,
+                                                         int64_t ignore_index, c10::string_view weighting,
+                                                         double alpha, double temperature,
+                                                         c10::string_view reduction, int64_t sm_count) {
+  check_logits(student_in, teacher_in);
+  check_labels(labels_in, student_in);
+  const bool mean = reduction_is_mean(reduction);
+  const LossConfig cfg = make_config(std::string(weighting), alpha, temperature);
+  const at::Tensor student = with_contiguous_rows(student_in);
+  const at::Tensor teacher = with_contiguous_rows(teacher_in);
+  const auto acc = accumulate_type_of(student, teacher);
+  const int64_t rows = student.size(0), vocab = student.size(1);
+  at::Tensor labels;
+  if (labels_in.has_value()) labels = labels_in->to(at::kLong).contiguous();
+  const auto type = student.scalar_type();
+  if (rows > 0 && fused_path_requested() && type == teacher.scalar_type() &&
+      (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf)) {
+    const auto opts = student.options().dtype(acc);
+    at::Tensor per_row = at::empty({rows}, opts);
+    at::Tensor stats = at::empty({rows, csd::kNumStats}, opts);
+    at::Tensor grad = at::empty(student.sizes(), student.options());
+    at::Tensor total = at::empty({}, opts);
+    // The launch's counter, zeroed once as on the device; the kernel must
+    // leave it zeroed for the next launch.
+    static unsigned ticket = 0u;
+    TORCH_CHECK(ticket == 0u, "csd_emulated::loss_grad: the previous launch left its ticket at ", ticket);
+    bool fused = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "csd_emulated_loss_grad", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        fused = csd::gpu::emulated_fused_loss_grad(
+            student.const_data_ptr<scalar_t>(), student.stride(0), teacher.const_data_ptr<scalar_t>(),
+            teacher.stride(0), rows, vocab, labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr,
+            ignore_index, mean, cfg.w1, cfg.w2, cfg.inv_temperature, per_row.mutable_data_ptr<float>(),
+            stats.mutable_data_ptr<float>(), grad.mutable_data_ptr<scalar_t>(), total.mutable_data_ptr<float>(),
+            &ticket, int(sm_count));
+      }
+    });
+    TORCH_CHECK(ticket == 0u, "csd_emulated::loss_grad: the kernel left its ticket at ", ticket,
+                " (the last CTA must reset it)");
+    if (fused) return {total, grad};
+  }
+  // The composed path.
+  std::optional<at::Tensor> row_mask;
+  if (labels.defined()) row_mask = labels.ne(ignore_index);
+  std::optional<at::Tensor> scale;
+  at::Tensor divisor;
+  if (mean) {
+    divisor = row_mask.has_value() ? row_mask->sum().clamp_min(1)
+                                   : at::full({}, rows > 1 ? rows : 1, student.options().dtype(at::kLong));
+    scale = at::ones({}, student.options().dtype(acc)).div(divisor).to(acc);
+  }
+  auto [per_row, stats, grad] = emulated_forward_grad_op(student, teacher, row_mask, weighting, alpha, temperature,
+                                                         1.0, sm_count, scale);
+  at::Tensor loss = per_row.sum();
+  if (mean) loss = loss.div(divisor);
+  return {loss, grad};
+}
+
+// As csd_cuda_fused_ops.cpp's csd_scale_grad_cuda.
+void emulated_scale_grad_op(const at::Tensor& grad, const at::Tensor& grad_output) {
+  TORCH_CHECK_VALUE(grad_output.numel() == 1, "grad_output must be a one-element tensor, got shape ",
+                    grad_output.sizes());
+  TORCH_CHECK_VALUE(grad.is_contiguous(), "grad_student must be contiguous (the tensor csd_loss_grad returned)");
+  const bool fp64 = grad.scalar_type() == at::kDouble;
+  const at::Tensor scale = grad_output.reshape({1}).to(fp64 ? at::kDouble : at::kFloat).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "csd_emulated_scale_grad", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      csd::gpu::emulated_scale_grad(grad.mutable_data_ptr<scalar_t>(), grad.numel(), scale.const_data_ptr<double>(),
+                                    132);
+    } else {
+      csd::gpu::emulated_scale_grad(grad.mutable_data_ptr<scalar_t>(), grad.numel(), scale.const_data_ptr<float>(),
+                                    132);
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(csd_emulated, m) {
@@ -177,6 +262,9 @@ TORCH_LIBRARY(csd_emulated, m) {
         "float temperature, float grad_scale, int sm_count, Tensor? scale) -> (Tensor, Tensor, Tensor)");
   m.def("backward_reuse_(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, Tensor(a!) grad, "
         "str weighting, float alpha, float temperature, float grad_scale, Tensor? scale) -> ()");
+  m.def("loss_grad(Tensor student, Tensor teacher, Tensor? labels, int ignore_index, str weighting, float alpha, "
+        "float temperature, str reduction, int sm_count) -> (Tensor, Tensor)");
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(csd_emulated, CPU, m) {
@@ -184,4 +272,6 @@ TORCH_LIBRARY_IMPL(csd_emulated, CPU, m) {
   m.impl("backward", &emulated_backward_op);
   m.impl("forward_grad", &emulated_forward_grad_op);
   m.impl("backward_reuse_", &emulated_backward_reuse_op);
+  m.impl("loss_grad", &emulated_loss_grad_op);
+  m.impl("scale_grad_", &emulated_scale_grad_op);
 }
