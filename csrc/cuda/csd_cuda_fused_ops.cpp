@@ -17,7 +17,7 @@
 // counts them for a mean, writes the gradient and reduces the per-row losses
 // to the scalar (its outputs are at::empty: allocations, no launches).
 // Elsewhere (two_pass, fp64, mixed dtypes, rows the fused kernel does not
-// take) it composes the other launches: labels != ignore_index, the mean's
+// take, a mean over labels of more than 4096 rows) it composes the other launches: labels != ignore_index, the mean's
 // scale, csd_forward_grad's kernels, the sum and the division.
 // csd_scale_grad_, its backward, is one launch (skipped on the device for a
 // grad_output of 1).
@@ -44,6 +44,10 @@ namespace {
 at::Tensor contiguous_rows(const at::Tensor& x) {
   return (x.stride(1) == 1 || x.size(1) == 1) ? x : x.contiguous();
 }
+
+// Batches above this many rows with a mean over labels take the composed
+// path (see csd_loss_grad_cuda).
+constexpr int64_t kMaxRowsCountedInKernel = 4096;
 
 // CSD_EXT_CUDA_PATH: "fused" (default, also when unset or empty) or "two_pass".
 bool fused_path_requested() {
@@ -170,7 +174,15 @@ std::tuple<at::Tensor, at::Tensor> csd_loss_grad_cuda(const at::Tensor& student_
   // int64 labels, contiguous: no copy for the usual tensor.
   at::Tensor labels;
   if (labels_in.has_value()) labels = labels_in->to(at::kLong).contiguous();
-  if (rows > 0 && fused_path_requested()) {
+  // A mean over labels is counted inside the kernel by every row's cluster:
+  // 8 B x rows read per row from L2, 8 rows^2 B in all.  Up to
+  // kMaxRowsCountedInKernel rows that is <= 134 MB of L2 reads (~13 us at
+  // ~10 TB/s), no more than the ~8 extra launches of the composed path cost;
+  // beyond it the quadratic count would grow past them (2.1 GB at 16384
+  // rows), so larger batches take the composed path, whose count is one
+  // linear pass.  (An analytic bound, not a GPU measurement.)
+  const bool count_in_kernel_ok = !(mean && labels.defined() && rows > kMaxRowsCountedInKernel);
+  if (rows > 0 && count_in_kernel_ok && fused_path_requested()) {
     at::Tensor per_row = at::empty({rows}, student.options().dtype(acc));
     at::Tensor stats = at::empty({rows, kNumStats}, student.options().dtype(acc));
     at::Tensor grad = at::empty(student.sizes(), student.options());
