@@ -16,11 +16,19 @@ namespace csd {
 namespace gpu {
 namespace {
 
+// Launches the kernel; false (nothing launched) when the plan's dynamic
+// shared memory plus the kernel's static shared memory exceed the opt-in
+// per-block limit -- plan_fused counts only the dynamic part, so a row within
+// a few hundred bytes of the limit (bf16 V ~ 464k, fp32 V ~ 232k) would
+// otherwise fail to launch instead of taking the two-pass kernels.
 template <typename T, unsigned kBases>
-void launch_one(const T* z, const T* t, T* g, const FusedArgs& args, const FusedPlan& plan,
-                cudaStream_t stream) {
+bool launch_one(const T* z, const T* t, T* g, const FusedArgs& args, const FusedPlan& plan,
+                cudaStream_t stream, size_t smem_per_block) {
   auto kernel = csd_fused_kernel<T, kBases>;
   const size_t smem = plan.smem_bytes;
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  if (smem + attributes.sharedSizeBytes > smem_per_block) return false;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(plan.blocks), 1, 1);
@@ -35,6 +43,7 @@ void launch_one(const T* z, const T* t, T* g, const FusedArgs& args, const Fused
   config.attrs = attr;
   config.numAttrs = 1;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, z, t, g, args));
+  return true;
 }
 
 }  // namespace
@@ -65,17 +74,19 @@ bool launch_fused_forward_grad(const at::Tensor& student, const at::Tensor& teac
                                  cfg.inv_temperature, grad_scale,
                                  scale.defined() ? scale.const_data_ptr<float>() : nullptr, reduce);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  bool launched = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, type, "csd_forward_grad_cuda", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       const scalar_t* z = student.const_data_ptr<scalar_t>();
       const scalar_t* t = teacher.const_data_ptr<scalar_t>();
       scalar_t* g = grad.mutable_data_ptr<scalar_t>();
       with_variant<scalar_t, scalar_t, float>(a.need, [&](auto variant) {
-        launch_one<scalar_t, decltype(variant)::value>(z, t, g, a, plan, stream);
+        launched = launch_one<scalar_t, decltype(variant)::value>(z, t, g, a, plan, stream,
+                                                                  size_t(prop->sharedMemPerBlockOptin));
       });
     }
   });
-  return true;
+  return launched;
 }
 
 void launch_backward_reuse(const at::Tensor& grad_loss, const at::Tensor& student,
