@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Instruction counts per pass of the fused CPU kernel (csd_forward_grad,
 # SS bf16, one thread), by callgrind.  Usage:
-#   bash benchmarks/cpu_profile.sh [rows=32] [vocab=50257]
+#   PYTHON=/path/to/venv/bin/python bash benchmarks/cpu_profile.sh [rows=32] [vocab=50257]
 # Builds benchmarks/cpu_profile_main.cpp against the venv's libtorch twice:
 #   -DCSD_PROFILE_NOINLINE: each pass its own function -> instructions per pass;
 #   -DCSD_PROFILE_ENTRY: only forward_typed kept out of line, the passes
@@ -13,7 +13,7 @@ set -euo pipefail
 ROWS=${1:-32}
 VOCAB=${2:-50257}
 HERE=$(cd "$(dirname "$0")" && pwd)
-PY=${PYTHON:-/work/main/.venv/bin/python}
+PY=${PYTHON:-python}  # a Python with torch, e.g. PYTHON=/work/main/.venv/bin/python
 OUT=${CSD_PROFILE_DIR:-/tmp/csd_cpu_profile}
 mkdir -p "$OUT"
 TORCH=$("$PY" -c "import os, torch; print(os.path.dirname(torch.__file__))")
