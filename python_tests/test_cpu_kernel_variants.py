@@ -8,7 +8,10 @@ float64 reference (values and gradients) on inputs that hit the awkward
 paths: vocabularies shorter than a vector, odd lengths (scalar tails),
 several tiles, rows split across threads, -inf masks (single entries, whole
 rows, a whole tile), NaN, a large common offset, mixed dtypes, temperature,
-and every weighting; gradients both from csd_loss (the fused forward that
+and every weighting; rows without masks whose later tiles take the one-pass
+"AB" path (relative to the row's max so far), with a lone -inf, a max jump
+past its window and tiles far below the max (all redone in two passes), and
+a jump inside the window (weights above 1, rescaled to the true max); gradients both from csd_loss (the fused forward that
 computes them in the forward) and from the standalone backward op.
 
 Run directly (`python test_cpu_kernel_variants.py --check`) it performs the
@@ -52,6 +55,8 @@ def _cases():
         cases.append((f"{w}-offset", 3, 9001, torch.float32, torch.float32, w, 1.0, 0.5, "offset"))
         cases.append((f"{w}-masked-tile", 2, 13000, torch.float32, torch.float32, w, 1.0, 0.5, "tile"))
         cases.append((f"{w}-split-row", 1, 70001, torch.bfloat16, torch.bfloat16, w, 1.3, 0.5, "mask"))
+        cases.append((f"{w}-bf16-late", 3, 20000, torch.bfloat16, torch.bfloat16, w, 1.0, 0.5, "late"))
+        cases.append((f"{w}-fp32-late", 4, 20001, torch.float32, torch.float32, w, 1.3, 0.5, "late"))
     return cases
 
 
@@ -73,6 +78,14 @@ def _inputs(n, v, special, seed):
             z[1] = -math.inf  # a row with nothing unmasked
     if special == "tile":
         t[0, 4096:8192] = -math.inf  # a whole tile masked
+    if special == "late":  # pass AB (tiles after the first, no masks) and its fallbacks
+        z[0, 9000] = -math.inf  # one masked entry: its tile is redone with masks
+        if n >= 2:  # a max jump of ~40 (past the window), then tiles ~40 below the max
+            z[1, 8192:12288] += 40
+            t[1, 8192:12288] += 40
+        if n >= 3:  # a jump of 5, inside the window
+            z[2, 4096:8192] += 5
+            t[2, 4096:8192] += 5
     return z, t
 
 
@@ -141,11 +154,13 @@ def _check_nan_and_optimum():
     from csd_ext import csd_loss
 
     problems = []
-    z, t = torch.randn(3, 9001), torch.randn(3, 9001)
+    z, t = torch.randn(4, 9001), torch.randn(4, 9001)
     z[0, 17] = math.nan
     z[2, :] = math.nan
+    z[3, 8500] = math.nan  # in a later tile (pass AB)
     loss = csd_loss(z, t, reduction="none")
-    if not (torch.isnan(loss[0]) and torch.isfinite(loss[1]) and torch.isnan(loss[2])):
+    if not (torch.isnan(loss[0]) and torch.isfinite(loss[1]) and torch.isnan(loss[2])
+            and torch.isnan(loss[3])):
         problems.append(f"NaN rows: {loss.tolist()}")
     t = (torch.randn(4, 9001) * 20).round() / 4
     for dtype in (torch.float32, torch.bfloat16):

@@ -29,6 +29,24 @@
 #define CSD_PREFETCH_L2(ptr) ((void)0)
 #endif
 
+// The kernel's passes are normally inlined into their callers.  Profiling
+// builds (benchmarks/cpu_profile.sh; the shipped build defines neither) keep
+// them apart so that callgrind can attribute instructions:
+//   -DCSD_PROFILE_NOINLINE: every pass its own function (CSD_PASS);
+//   -DCSD_PROFILE_ENTRY: only the entry, forward_typed (CSD_PROFILE_ENTRY_POINT),
+//     so the passes inline as shipped and the total is the shipped code's.
+#if defined(CSD_PROFILE_NOINLINE) && (defined(__GNUC__) || defined(__clang__))
+#define CSD_PASS __attribute__((noinline))
+#else
+#define CSD_PASS
+#endif
+#if (defined(CSD_PROFILE_NOINLINE) || defined(CSD_PROFILE_ENTRY)) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define CSD_PROFILE_ENTRY_POINT __attribute__((noinline))
+#else
+#define CSD_PROFILE_ENTRY_POINT
+#endif
+
 namespace csd::cpu {
 namespace CPU_CAPABILITY {
 
@@ -70,6 +88,80 @@ inline void store_pair_as(dst_t* p, const Vectorized<acc_t>& lo, const Vectorize
   }
 }
 
+// Pairs of vectors in "even/odd" order.  Where both logit tensors are bf16
+// (and the ISA has the shifts), the kernel's fp32 scratch holds each block
+// of 2 * Vec::size() entries as two vectors: the even entries, then the odd
+// ones.  A bf16 pair widens to fp32 by moving it to the high half of its
+// 32-bit slot, so one 32-bit load gives the even entry with a shift and the
+// odd one with a mask: one instruction per vector instead of two (a widening
+// load and a shift), and the gradient goes back with a 16-bit blend instead
+// of a pack and a cross-lane permute.  The sums do not care about the order;
+// every pass over the scratch uses load_pair / store_grad_pair, so the
+// entries stay matched.  Elsewhere a pair is just two consecutive vectors.
+template <typename zs_t, typename ts_t, typename acc_t>
+constexpr bool kEvenOddPairs =
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    std::is_same_v<acc_t, float> && std::is_same_v<zs_t, c10::BFloat16> &&
+    std::is_same_v<ts_t, c10::BFloat16>;
+#else
+    false;
+#endif
+
+template <bool kEvenOdd, typename acc_t, typename src_t>
+inline void load_pair(const src_t* p, Vectorized<acc_t>& first, Vectorized<acc_t>& second) {
+  if constexpr (kEvenOdd) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i raw = _mm512_loadu_si512(reinterpret_cast<const void*>(p));
+    first = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+    second = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int(0xffff0000u))));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    first = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    second = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(int(0xffff0000u))));
+#endif
+  } else {
+    first = load_as<acc_t>(p);
+    second = load_as<acc_t>(p + Vectorized<acc_t>::size());
+  }
+}
+
+// The gradient of a pair, in the student's dtype.  In even/odd order (both
+// inputs bf16) the rounding to bf16 is done here, without ATen's per-lane
+// NaN test and select: every NaN in the kernel then is an input's NaN (a bf16
+// widened to fp32), a copy of one (x86 arithmetic passes a NaN operand's
+// payload on), the default NaN 0xFFC00000, or a bit pattern shifted left by
+// 23 (the exp's 2^n) -- all with zero low 16 bits, to which rounding to
+// nearest even adds at most 0x8000: they stay NaN.
+template <bool kEvenOdd, typename dst_t, typename acc_t>
+inline void store_grad_pair(dst_t* p, const Vectorized<acc_t>& first,
+                            const Vectorized<acc_t>& second) {
+  if constexpr (kEvenOdd) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    auto round = [&](__m512 x) {  // the bf16 rounded to nearest even, in the high half
+      const __m512i b = _mm512_castps_si512(x);
+      return _mm512_add_epi32(_mm512_add_epi32(b, bias),
+                              _mm512_and_si512(_mm512_srli_epi32(b, 16), one));
+    };
+    const __m512i even = _mm512_srli_epi32(round(first), 16);
+    _mm512_storeu_si512(reinterpret_cast<void*>(p),
+                        _mm512_mask_blend_epi16(__mmask32(0xAAAAAAAAu), even, round(second)));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
+    auto round = [&](__m256 x) {
+      const __m256i b = _mm256_castps_si256(x);
+      return _mm256_add_epi32(_mm256_add_epi32(b, bias),
+                              _mm256_and_si256(_mm256_srli_epi32(b, 16), one));
+    };
+    const __m256i even = _mm256_srli_epi32(round(first), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm256_blend_epi16(even, round(second), 0xAA));
+#endif
+  } else {
+    store_pair_as(p, first, second);
+  }
+}
+
 // Lane operations.  `Mask` marks the unmasked vocabulary entries (both logits
 // != -inf); NaN logits count as unmasked so that they reach the sums and make
 // the row NaN, as in the reference.
@@ -91,6 +183,8 @@ struct Lanes {
   // max(acc, x), ignoring a NaN x.  A NaN still reaches the row through the
   // sums (exp(NaN - max) is NaN); the max only sets the scale.
   static Vec max_skip_nan(const Vec& acc, const Vec& x) { return Vec::blendv(acc, x, x > acc); }
+  // min(acc, x), ignoring a NaN x (finds a -inf logit; NaN never reaches acc).
+  static Vec min_skip_nan(const Vec& acc, const Vec& x) { return Vec::blendv(acc, x, x < acc); }
   // exp(x), for x <= ~0 (any x in fp64); -inf gives 0 and NaN stays NaN.
   static Vec exp(const Vec& x) {
     if constexpr (std::is_same_v<acc_t, float>) {
@@ -99,6 +193,9 @@ struct Lanes {
       return x.exp();
     }
   }
+  // exp(x) for x <= 88 (no overflow), -inf or NaN: a weight logit minus its
+  // tile's max or a reference near it.
+  static Vec exp_no_overflow(const Vec& x) { return exp(x); }
 };
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -132,8 +229,11 @@ struct Lanes<float> {
   static Vec or_neg_inf(Mask m, const Vec& x) {
     return _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), m, x);
   }
-  // MAXPS returns its second operand when either is NaN.
+  // MAXPS / MINPS return their second operand when either is NaN.
   static Vec max_skip_nan(const Vec& acc, const Vec& x) { return _mm512_max_ps(x, acc); }
+  static Vec min_skip_nan(const Vec& acc, const Vec& x) { return _mm512_min_ps(x, acc); }
+  // No upper clamp below, so x <= 88 needs nothing else.
+  static Vec exp_no_overflow(const Vec& x) { return exp(x); }
   static Vec exp(const Vec& xv) {
     using namespace exp_consts;
     // exp(-104) rounds to 0, so clamping below there makes -inf give exactly
@@ -166,14 +266,25 @@ struct Lanes<float> {
     return _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()), x, m);
   }
   static Vec max_skip_nan(const Vec& acc, const Vec& x) { return _mm256_max_ps(x, acc); }
-  static Vec exp(const Vec& xv) {
+  static Vec min_skip_nan(const Vec& acc, const Vec& x) { return _mm256_min_ps(x, acc); }
+  static Vec exp(const Vec& xv) { return exp_impl<true>(xv); }
+  // For x <= 88 (or -inf, NaN), two instructions less: no clamps.  The lanes
+  // with x < -87, where the unclamped arithmetic below gives garbage (2^n out
+  // of the exponent's range; NaN for -inf), are exactly the ones the final
+  // select sets to 0, and a NaN x still comes out NaN.
+  static Vec exp_no_overflow(const Vec& xv) { return exp_impl<false>(xv); }
+  template <bool kClamp>
+  static Vec exp_impl(const Vec& xv) {
     using namespace exp_consts;
     // 2^n is built in the exponent bits, which needs n in [-126, 127]: clamp
     // x to [-87, 88] and flush x < -87 (exp < 1.7e-38, -inf included) to 0.
     // MAXPS/MINPS with the constant first pass a NaN x through.
     const __m256 lo = _mm256_set1_ps(-87.0f);
-    __m256 x = _mm256_max_ps(lo, xv);
-    x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
+    __m256 x = xv;
+    if constexpr (kClamp) {
+      x = _mm256_max_ps(lo, x);
+      x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
+    }
     const __m256 round = _mm256_set1_ps(kRound);
     const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(kLog2e), round);
     const __m256 n = _mm256_sub_ps(t, round);
@@ -203,6 +314,13 @@ template <typename acc_t>
 inline acc_t vec_max(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>(
       [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return at::vec::maximum(a, b); }, v);
+}
+
+// Horizontal min; NaN lanes do not occur (min_skip_nan never produces one).
+template <typename acc_t>
+inline acc_t vec_min(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return at::vec::minimum(a, b); }, v);
 }
 
 }  // namespace CPU_CAPABILITY
