@@ -33,6 +33,7 @@
 #include "../csd_kernel_api.h"
 #include "csd_cuda_fused_launch.h"
 #include "csd_cuda_launch.h"
+#include "csd_cuda_ops.h"
 #include "csd_cuda_rows.h"
 #include "csd_cuda_ticket.h"
 #include "csd_cuda_fused_plan.h"
@@ -44,10 +45,6 @@ namespace {
 at::Tensor contiguous_rows(const at::Tensor& x) {
   return (x.stride(1) == 1 || x.size(1) == 1) ? x : x.contiguous();
 }
-
-// Batches above this many rows with a mean over labels take the composed
-// path (see csd_loss_grad_cuda).
-constexpr int64_t kMaxRowsCountedInKernel = 4096;
 
 // CSD_EXT_CUDA_PATH: "fused" (default, also when unset or empty) or "two_pass".
 bool fused_path_requested() {
@@ -201,20 +198,9 @@ std::tuple<at::Tensor, at::Tensor> csd_loss_grad_cuda(const at::Tensor& student_
     }
   }
   // The composed path: several launches (see the top of the file).
-  std::optional<at::Tensor> row_mask;
-  if (labels.defined()) row_mask = labels.ne(ignore_index);
-  std::optional<at::Tensor> scale;
-  at::Tensor divisor;
-  if (mean) {
-    divisor = row_mask.has_value() ? row_mask->sum().clamp_min(1)
-                                   : at::full({}, rows > 1 ? rows : 1, student.options().dtype(at::kLong));
-    scale = at::ones({}, student.options().dtype(acc)).div(divisor).to(acc);
-  }
-  auto [per_row, stats, grad] =
-      forward_grad_impl(student, teacher, row_mask, weighting, alpha, temperature, 1.0, scale);
-  at::Tensor loss = per_row.sum();
-  if (mean) loss = loss.div(divisor);
-  return {loss, grad};
+  return composed_loss_grad(student, labels, ignore_index, mean, acc, [&](const auto& row_mask, const auto& scale) {
+    return forward_grad_impl(student, teacher, row_mask, weighting, alpha, temperature, 1.0, scale);
+  });
 }
 
 void csd_scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {

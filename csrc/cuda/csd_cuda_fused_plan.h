@@ -64,6 +64,11 @@ struct FusedReduction {
   unsigned* ticket = nullptr;       // a zeroed counter (csd_cuda_ticket.h)
 };
 
+// csd_loss_grad: a mean over labels of more rows than this is not counted in
+// the kernel (each row's cluster would read all the labels: 8 rows^2 bytes)
+// but takes the composed path (csd_cuda_fused_ops.cpp explains the bound).
+constexpr int64_t kMaxRowsCountedInKernel = 4096;
+
 inline int64_t fused_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // elem_bytes: bytes per logit (2 for bf16/fp16, 4 for fp32), the same for

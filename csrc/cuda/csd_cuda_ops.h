@@ -80,5 +80,31 @@ at::Tensor backward_op(Backend& backend, const at::Tensor& grad_loss_in, const a
   return grad;
 }
 
+// csd_loss_grad's composed path, where the one-launch fused kernel does not
+// apply, written once for the real op (csd_cuda_fused_ops.cpp) and the
+// emulated one: labels != ignore_index, a mean's 1/count on the device,
+// forward_grad(row_mask, scale) (the backend's csd_forward_grad with a
+// device-tensor grad_scale), the sum and the division.  Several launches,
+// no host sync.  labels: int64 or undefined; acc: the accumulation dtype.
+template <typename ForwardGrad>
+std::tuple<at::Tensor, at::Tensor> composed_loss_grad(const at::Tensor& student, const at::Tensor& labels,
+                                                      int64_t ignore_index, bool mean, at::ScalarType acc,
+                                                      ForwardGrad&& forward_grad) {
+  const int64_t rows = student.size(0);
+  std::optional<at::Tensor> row_mask;
+  if (labels.defined()) row_mask = labels.ne(ignore_index);
+  std::optional<at::Tensor> scale;
+  at::Tensor divisor;
+  if (mean) {
+    divisor = row_mask.has_value() ? row_mask->sum().clamp_min(1)
+                                   : at::full({}, rows > 1 ? rows : 1, student.options().dtype(at::kLong));
+    scale = at::ones({}, student.options().dtype(acc)).div(divisor).to(acc);
+  }
+  auto [per_row, stats, grad] = forward_grad(row_mask, scale);
+  at::Tensor loss = per_row.sum();
+  if (mean) loss = loss.div(divisor);
+  return {loss, grad};
+}
+
 }  // namespace gpu
 }  // namespace csd

@@ -190,7 +190,8 @@ std::tuple<at::Tensor, at::Tensor> emulated_loss_grad_op(const at::Tensor& stude
   at::Tensor labels;
   if (labels_in.has_value()) labels = labels_in->to(at::kLong).contiguous();
   const auto type = student.scalar_type();
-  if (rows > 0 && fused_path_requested() && type == teacher.scalar_type() &&
+  const bool count_in_kernel_ok = !(mean && labels.defined() && rows > csd::gpu::kMaxRowsCountedInKernel);
+  if (rows > 0 && count_in_kernel_ok && fused_path_requested() && type == teacher.scalar_type() &&
       (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf)) {
     const auto opts = student.options().dtype(acc);
     at::Tensor per_row = at::empty({rows}, opts);
@@ -217,20 +218,11 @@ std::tuple<at::Tensor, at::Tensor> emulated_loss_grad_op(const at::Tensor& stude
     if (fused) return {total, grad};
   }
   // The composed path.
-  std::optional<at::Tensor> row_mask;
-  if (labels.defined()) row_mask = labels.ne(ignore_index);
-  std::optional<at::Tensor> scale;
-  at::Tensor divisor;
-  if (mean) {
-    divisor = row_mask.has_value() ? row_mask->sum().clamp_min(1)
-                                   : at::full({}, rows > 1 ? rows : 1, student.options().dtype(at::kLong));
-    scale = at::ones({}, student.options().dtype(acc)).div(divisor).to(acc);
-  }
-  auto [per_row, stats, grad] = emulated_forward_grad_op(student, teacher, row_mask, weighting, alpha, temperature,
-                                                         1.0, sm_count, scale);
-  at::Tensor loss = per_row.sum();
-  if (mean) loss = loss.div(divisor);
-  return {loss, grad};
+  return csd::gpu::composed_loss_grad(
+      student, labels, ignore_index, mean, acc, [&](const auto& row_mask, const auto& scale) {
+        return emulated_forward_grad_op(student, teacher, row_mask, weighting, alpha, temperature, 1.0, sm_count,
+                                        scale);
+      });
 }
 
 // As csd_cuda_fused_ops.cpp's csd_scale_grad_cuda.
