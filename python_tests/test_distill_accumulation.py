@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("accelerate")
 
+from csd_testing import env_with_this_csd_ext  # noqa: E402
 from distill_step_helpers import examples, models, split, step_fns  # noqa: E402
 
 from csd_ext.distill.accumulation import accumulate_step  # noqa: E402
@@ -76,7 +77,9 @@ def test_deepspeed_zero1_on_cpu_matches_micro8(tmp_path):
     must step once, after the 4th backward, with the micro-batch-8 gradient.  DeepSpeed builds a
     CPU communication op the first time (minutes; cached in ~/.cache/torch_extensions)."""
     g8, _ = grads(8, 0.5)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]), OMP_NUM_THREADS="1",
+    # This process's csd_ext (the installed one in CI: the clone has no compiled _C), then the helpers.
+    env = env_with_this_csd_ext()
+    env.update(PYTHONPATH=os.pathsep.join([env["PYTHONPATH"], HERE]), OMP_NUM_THREADS="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), RANK="0", WORLD_SIZE="1",
                LOCAL_RANK="0", ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="1")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "distill_deepspeed_worker.py"), str(tmp_path)],
@@ -111,7 +114,8 @@ def test_csd_distill_under_deepspeed_zero1_matches_plain_run(tmp_path):
     plain, ds = str(tmp_path / "plain"), str(tmp_path / "ds")
     status, out = run_inprocess(cli_args(paths, plain, **common))
     assert status == 0, out[-3000:]
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+    env = env_with_this_csd_ext()
+    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(29500 + (os.getpid() + 7) % 1000), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="1")
     proc = subprocess.run([sys.executable, "-m", "csd_ext.distill", *cli_args(paths, ds, **common)], env=env,
