@@ -64,6 +64,13 @@ at::Tensor checked_scale(const at::Tensor& scale, const at::Tensor& student, con
   return scale.reshape({1}).to(accumulate_type_of(student, teacher)).contiguous();
 }
 
+// The kernels index within a row with 32-bit integers.
+void check_vocab_fits(const at::Tensor& student) {
+  TORCH_CHECK_VALUE(student.size(1) < kMaxVocab,
+                    "csd_ext's CUDA kernels index within a row with 32-bit integers; the "
+                    "vocabulary size must be < 2^30, got ", student.size(1));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grad_impl(
     const at::Tensor& student_in, const at::Tensor& teacher_in,
     const std::optional<at::Tensor>& row_mask_in, c10::string_view weighting, double alpha,
@@ -71,9 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_grad_impl(
   check_logits(student_in, teacher_in);
   check_row_mask(row_mask_in, student_in);
   TORCH_CHECK_VALUE(std::isfinite(grad_scale), "grad_scale must be finite, got ", grad_scale);
-  TORCH_CHECK_VALUE(student_in.size(1) < kMaxVocab,
-                    "csd_ext's CUDA kernels index within a row with 32-bit integers; the "
-                    "vocabulary size must be < 2^30, got ", student_in.size(1));
+  check_vocab_fits(student_in);
   const LossConfig cfg = make_config(std::string(weighting), alpha, temperature);
   const c10::cuda::CUDAGuard guard(student_in.device());
   const at::Tensor student = contiguous_rows(student_in);
@@ -159,9 +164,7 @@ std::tuple<at::Tensor, at::Tensor> csd_loss_grad_cuda(const at::Tensor& student_
   check_logits(student_in, teacher_in);
   check_labels(labels_in, student_in);
   const bool mean = reduction_is_mean(reduction);
-  TORCH_CHECK_VALUE(student_in.size(1) < kMaxVocab,
-                    "csd_ext's CUDA kernels index within a row with 32-bit integers; the "
-                    "vocabulary size must be < 2^30, got ", student_in.size(1));
+  check_vocab_fits(student_in);
   const LossConfig cfg = make_config(std::string(weighting), alpha, temperature);
   const c10::cuda::CUDAGuard guard(student_in.device());
   const at::Tensor student = contiguous_rows(student_in);
