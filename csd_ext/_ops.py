@@ -161,12 +161,25 @@ def _backward(ctx, grad_loss, _grad_stats):
 torch.library.register_autograd("csd_ext::csd_forward", _backward, setup_context=_setup_context)
 
 
-def has_fused_kernel(device: torch.device) -> bool:
-    """Whether csd_forward_grad / csd_backward_reuse_ have a kernel for `device`."""
+def _has_kernels(device: torch.device, ops) -> bool:
+    """Whether every csd_ext op in `ops` has a kernel for `device`."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    ops = ("csd_forward_grad", "csd_backward_reuse_", "csd_forward_grad_scaled", "csd_backward_reuse_scaled_")
     return key is not None and all(has("csd_ext::" + op, key) for op in ops)
+
+
+def has_fused_kernel(device: torch.device) -> bool:
+    """Whether csd_forward_grad / csd_backward_reuse_ have a kernel for `device`."""
+    return _has_kernels(device, ("csd_forward_grad", "csd_backward_reuse_", "csd_forward_grad_scaled",
+                                 "csd_backward_reuse_scaled_"))
+
+
+def _hand_over(ctx, grad, teacher):
+    """The backward's (student, teacher) gradients from the student's gradient
+    ``grad``: d/dt of the stop-gradient objective is the negative of d/dz."""
+    grad_student = grad if ctx.needs_input_grad[0] else None
+    grad_teacher = grad.neg().to(teacher.dtype) if ctx.needs_input_grad[1] else None
+    return grad_student, grad_teacher
 
 
 class _FusedCSD(torch.autograd.Function):
@@ -193,10 +206,7 @@ class _FusedCSD(torch.autograd.Function):
         if grad is None:
             _, stats, grad = _forward_grad(student, teacher, row_mask, *ctx.params, ctx.grad_scale)
         _backward_reuse(grad_loss, student, teacher, stats, grad, *ctx.params, ctx.grad_scale)
-        grad_student = grad if ctx.needs_input_grad[0] else None
-        # d/dt of the stop-gradient objective is the negative of d/dz.
-        grad_teacher = grad.neg().to(teacher.dtype) if ctx.needs_input_grad[1] else None
-        return grad_student, grad_teacher, None, None, None, None, None
+        return (*_hand_over(ctx, grad, teacher), None, None, None, None, None)
 
 
 def _forward_grad(student, teacher, row_mask, weighting, alpha, temperature, grad_scale):
@@ -331,10 +341,7 @@ class _FusedCSDLoss(torch.autograd.Function):
         if grad is None:
             _, grad = torch.ops.csd_ext.csd_loss_grad(student, teacher, labels, *ctx.params)
         torch.ops.csd_ext.csd_scale_grad_(grad, grad_output)
-        grad_student = grad if ctx.needs_input_grad[0] else None
-        # d/dt of the stop-gradient objective is the negative of d/dz.
-        grad_teacher = grad.neg().to(teacher.dtype) if ctx.needs_input_grad[1] else None
-        return grad_student, grad_teacher, None, None, None, None, None, None
+        return (*_hand_over(ctx, grad, teacher), None, None, None, None, None, None)
 
 
 def fused_csd_loss(student, teacher, labels, ignore_index, weighting, alpha, temperature, reduction):
@@ -352,9 +359,7 @@ ONE_LAUNCH_DEVICES = {"cuda"}
 
 def has_one_launch_kernel(device: torch.device) -> bool:
     """Whether csd_loss_grad / csd_scale_grad_ have a kernel for `device`."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return key is not None and all(has("csd_ext::" + op, key) for op in ("csd_loss_grad", "csd_scale_grad_"))
+    return _has_kernels(device, ("csd_loss_grad", "csd_scale_grad_"))
 
 
 def use_one_launch(student: torch.Tensor, teacher: torch.Tensor, reduction: str) -> bool:

@@ -9,7 +9,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <string>
 
 #include "../csd_kernel_api.h"
@@ -42,9 +41,9 @@ std::tuple<at::Tensor, at::Tensor> csd_loss_grad_cpu(const at::Tensor& student, 
                                        .typed<ForwardGradFn>();
   auto [per_row, stats, grad] = forward_grad.call(student, teacher, row_mask, weighting, alpha, temperature,
                                                   grad_scale);
-  // As csd_ext/_reduce.py's reduce_rows: the sum, divided by max(count, 1).
+  // As csd_ext/_reduce.py's reduce_rows: the sum, divided by max(count, 1) (csd_math.h).
   at::Tensor loss = per_row.sum();
-  if (mean) loss = loss.div(double(std::max<int64_t>(count, 1)));
+  if (mean) loss = loss.div(reduction_divisor(mean, double(count)));
   return {loss, grad};
 }
 
