@@ -24,6 +24,7 @@ import torch
 from integration_helpers import ListDataset, stack_collator, tiny_lm, token_examples
 from transformers import Trainer, TrainingArguments
 
+from csd_ext.distill.distributed import exit_program
 from csd_ext.integrations.transformers import CSDTrainer
 
 FSDP2 = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]})
@@ -94,7 +95,8 @@ def main(out, cases, mode):
                                           "head_weight": type(trainer.model.lm_head.weight).__name__}
     if trainer.is_world_process_zero():
         torch.save(results, f"{out}/result.pt")
-    torch.distributed.destroy_process_group()
+    # Destroys the group and skips interpreter teardown (a finished gloo rank can abort there).
+    exit_program(0)
 
 
 if __name__ == "__main__":

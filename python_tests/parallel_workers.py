@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from csd_ext import csd_loss, fused_linear_csd
+from csd_ext.distill.distributed import exit_program
 from csd_ext.parallel import vocab_parallel_csd_loss
 
 WEIGHTINGS = [a + b for a in "STUM" for b in "STUM"]
@@ -27,10 +28,12 @@ def spawn_main(rank, world, store_path, body, args):
     try:
         body(rank, world, *args)
     except Exception:
+        dist.destroy_process_group()
         # Keep the case description in the message mp.spawn re-raises.
         raise RuntimeError(f"rank {rank}:\n{traceback.format_exc()}") from None
-    finally:
-        dist.destroy_process_group()
+    # A finished rank skips interpreter teardown, where gloo's threads once aborted it
+    # ("terminate called without an active exception") after every check had passed.
+    exit_program(0, distributed=True)
 
 
 def bounds(splits, rank):

@@ -183,10 +183,12 @@ def release_process_group():
         torch.distributed.destroy_process_group()
 
 
-def exit_program(status):
+def exit_program(status, distributed=None):
     """Ends a ``csd-distill`` process with ``status``.
 
-    A torchrun worker leaves with ``os._exit`` once its process group is
+    ``distributed``: whether this process is one rank of several (default:
+    ``WORLD_SIZE`` > 1, as torchrun sets; ``mp.spawn`` workers pass True).
+    Such a worker leaves with ``os._exit`` once its process group is
     destroyed and its output flushed.  ``destroy_process_group`` only drops
     c10d's own references: accelerate's state and an FSDP2 mesh keep the gloo
     group alive into interpreter teardown, where its worker threads can still
@@ -194,7 +196,9 @@ def exit_program(status):
     exception", seen once in CI after a complete resumed run), and torchrun
     then fails the launch.  All files are written and closed by then, so
     skipping teardown loses nothing.  A single process exits normally."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if distributed is None:
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
         release_process_group()
         gc.collect()
         for stream in (sys.stdout, sys.stderr):
